@@ -7,8 +7,7 @@ use anyhow::Context;
 use moge_shared::checkpoint::{Checkpoint, names};
 
 pub fn inspect(dir: &Path, list_tensors: bool) -> anyhow::Result<()> {
-    let checkpoint =
-        Checkpoint::open(dir).with_context(|| format!("failed to open checkpoint {}", dir.display()))?;
+    let checkpoint = Checkpoint::open(dir).with_context(|| format!("failed to open checkpoint {}", dir.display()))?;
     let config = checkpoint.config();
     let tensors = checkpoint.tensors()?;
     println!("checkpoint {}", dir.display());
@@ -99,7 +98,11 @@ fn describe_ranges(layers: &[usize]) -> String {
             index += 1;
             end += 1;
         }
-        parts.push(if start == end { start.to_string() } else { format!("{start}..{}", end + 1) });
+        parts.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}..{}", end + 1)
+        });
         index += 1;
     }
     parts.join(", ")

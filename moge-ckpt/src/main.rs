@@ -12,7 +12,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use moge_shared::checkpoint::{self, GenerateOptions, Preset};
 
 #[derive(Parser)]
-#[command(version, about = "Generate, inspect and run MoGE checkpoints in the Hugging Face layout")]
+#[command(
+    version,
+    about = "Generate, inspect and run MoGE checkpoints in the Hugging Face layout"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,9 +64,8 @@ struct GenerateArgs {
 }
 
 fn parse_preset(name: &str) -> Result<Preset, String> {
-    Preset::from_name(name).ok_or_else(|| {
-        format!("unknown preset {name:?}, expected one of: {}", Preset::NAMES.join(", "))
-    })
+    Preset::from_name(name)
+        .ok_or_else(|| format!("unknown preset {name:?}, expected one of: {}", Preset::NAMES.join(", ")))
 }
 
 fn parse_layers(text: &str) -> Result<Range<usize>, String> {

@@ -72,7 +72,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let values = dtype.decode(hidden.data())?;
 
-    let kernel = if args.portable { Kernel::Portable } else { Kernel::detect() };
+    let kernel = if args.portable {
+        Kernel::Portable
+    } else {
+        Kernel::detect()
+    };
     let options = RoutingOptions {
         mode: args.routing,
         renormalize: args.renormalize.unwrap_or(checkpoint.config().norm_topk_prob),
@@ -84,10 +88,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let k = output.routing.top_k;
     let out_bytes = dtype.encode(&output.hidden);
     let ids: Vec<i32> = output.routing.expert_ids.iter().map(|&id| id as i32).collect();
-    let groups: Vec<i64> = output.routing.group_assignments.iter().map(|&count| count as i64).collect();
+    let groups: Vec<i64> = output
+        .routing
+        .group_assignments
+        .iter()
+        .map(|&count| count as i64)
+        .collect();
     let views = vec![
         ("output", TensorView::new(hidden.dtype(), vec![*tokens, h], &out_bytes)?),
-        ("expert_ids", TensorView::new(safetensors::Dtype::I32, vec![*tokens, k], bytemuck::cast_slice(&ids))?),
+        (
+            "expert_ids",
+            TensorView::new(safetensors::Dtype::I32, vec![*tokens, k], bytemuck::cast_slice(&ids))?,
+        ),
         (
             "expert_weights",
             TensorView::new(
@@ -96,7 +108,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 bytemuck::cast_slice(&output.routing.expert_weights),
             )?,
         ),
-        ("group_assignments", TensorView::new(safetensors::Dtype::I64, vec![groups.len()], bytemuck::cast_slice(&groups))?),
+        (
+            "group_assignments",
+            TensorView::new(
+                safetensors::Dtype::I64,
+                vec![groups.len()],
+                bytemuck::cast_slice(&groups),
+            )?,
+        ),
     ];
     safetensors::serialize_to_file(views, None, &args.output)
         .with_context(|| format!("failed to write {}", args.output.display()))?;

@@ -100,11 +100,10 @@ impl ModelConfig {
 
     /// Parses and validates a `config.json` document.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: ModelConfig =
-            serde_json::from_str(text).map_err(|source| ConfigError::Parse {
-                path: "<string>".to_owned(),
-                source,
-            })?;
+        let config: ModelConfig = serde_json::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "<string>".to_owned(),
+            source,
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -143,10 +142,7 @@ impl ModelConfig {
             ("num_experts", self.num_experts),
             ("num_experts_per_tok", self.num_experts_per_tok),
             ("moe_intermediate_size", self.moe_intermediate_size),
-            (
-                "shared_expert_intermediate_size",
-                self.shared_expert_intermediate_size,
-            ),
+            ("shared_expert_intermediate_size", self.shared_expert_intermediate_size),
             ("num_hidden_layers", self.num_hidden_layers),
         ];
         for (field, value) in positive {
@@ -165,14 +161,14 @@ impl ModelConfig {
         if groups == 0 {
             return Err(invalid("n_group", groups, "a positive integer"));
         }
-        if self.num_experts % groups != 0 {
+        if !self.num_experts.is_multiple_of(groups) {
             return Err(invalid(
                 "num_experts",
                 self.num_experts,
                 &format!("a multiple of the group count {groups}"),
             ));
         }
-        if self.num_experts_per_tok % groups != 0 {
+        if !self.num_experts_per_tok.is_multiple_of(groups) {
             return Err(invalid(
                 "num_experts_per_tok",
                 self.num_experts_per_tok,
@@ -244,10 +240,7 @@ mod tests {
 
     #[test]
     fn explicit_group_count_is_used() {
-        let config = ModelConfig::from_json(PANGU)
-            .unwrap()
-            .with_num_groups(4)
-            .unwrap();
+        let config = ModelConfig::from_json(PANGU).unwrap().with_num_groups(4).unwrap();
         assert_eq!(config.experts_per_group(), 16);
         assert_eq!(config.experts_per_tok_per_group(), 2);
     }

@@ -192,10 +192,7 @@ mod tests {
     fn wrong_byte_length_names_both_lengths() {
         let mut out = [0.0f32; 3];
         let error = DType::F16.decode_into(&[0u8; 5], &mut out).unwrap_err();
-        assert_eq!(
-            error.to_string(),
-            "F16 tensor of 3 elements needs 6 bytes, got 5"
-        );
+        assert_eq!(error.to_string(), "F16 tensor of 3 elements needs 6 bytes, got 5");
     }
 
     #[test]

@@ -347,8 +347,18 @@ fn run_swiglu(kernel: Kernel, experts: &[&Expert], hidden: &[f32], batches: &[Ex
     for (((batch, x), gate), up) in batches.iter().zip(&gathered).zip(&mut gate_t).zip(&mut up_t) {
         let expert = experts[batch.expert];
         let tokens = batch.rows.len();
-        jobs.push(MatmulJob { x, tokens, weight: &expert.gate_proj, out_t: gate });
-        jobs.push(MatmulJob { x, tokens, weight: &expert.up_proj, out_t: up });
+        jobs.push(MatmulJob {
+            x,
+            tokens,
+            weight: &expert.gate_proj,
+            out_t: gate,
+        });
+        jobs.push(MatmulJob {
+            x,
+            tokens,
+            weight: &expert.up_proj,
+            out_t: up,
+        });
     }
     kernels::matmul_transposed(kernel, &mut jobs);
     drop(jobs);

@@ -36,11 +36,7 @@ pub enum RoutingMode {
 
 impl RoutingMode {
     /// All modes, in a stable order.
-    pub const ALL: [RoutingMode; 3] = [
-        RoutingMode::Moge,
-        RoutingMode::TopK,
-        RoutingMode::GroupLimited,
-    ];
+    pub const ALL: [RoutingMode; 3] = [RoutingMode::Moge, RoutingMode::TopK, RoutingMode::GroupLimited];
 
     /// Command-line and metric label spelling.
     pub fn as_str(self) -> &'static str {
@@ -252,11 +248,7 @@ pub struct Router {
 
 impl Router {
     /// Builds a router from `gate` (`[N, H]`) and `router_scale` (`[N]`).
-    pub fn new(
-        shape: RoutingShape,
-        gate: WeightMatrix,
-        router_scale: Vec<f32>,
-    ) -> Result<Self, RoutingError> {
+    pub fn new(shape: RoutingShape, gate: WeightMatrix, router_scale: Vec<f32>) -> Result<Self, RoutingError> {
         if gate.rows() != shape.num_experts {
             return Err(RoutingError::Shape {
                 what: "gate weight rows",
@@ -473,7 +465,10 @@ mod tests {
 
     fn route(logits: &[f32], mode: RoutingMode) -> Routing {
         let scale = vec![1.0; 8];
-        let options = RoutingOptions { mode, renormalize: false };
+        let options = RoutingOptions {
+            mode,
+            renormalize: false,
+        };
         route_logits(logits, logits.len() / 8, &shape(), &scale, options).unwrap()
     }
 
@@ -528,7 +523,10 @@ mod tests {
     #[test]
     fn renormalized_scores_sum_to_one() {
         let logits = [0.5, -0.25, 2.0, 1.0, 0.0, 0.0, 3.0, -1.0];
-        let options = RoutingOptions { mode: RoutingMode::TopK, renormalize: true };
+        let options = RoutingOptions {
+            mode: RoutingMode::TopK,
+            renormalize: true,
+        };
         let routing = route_logits(&logits, 1, &shape(), &[1.0; 8], options).unwrap();
         let sum: f32 = routing.expert_weights.iter().sum();
         assert!((sum - 1.0).abs() < 1e-6, "{sum}");

@@ -47,11 +47,7 @@ pub struct Buffer<T> {
 #[derive(Clone, Debug)]
 enum BufferInner<T> {
     Owned(Arc<Vec<T>>),
-    Mapped {
-        map: Arc<Mmap>,
-        offset: usize,
-        len: usize,
-    },
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
 }
 
 impl<T: Pod> Buffer<T> {

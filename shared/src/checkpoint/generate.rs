@@ -264,8 +264,13 @@ pub fn generate_layer(config: &ModelConfig, layer: usize, seed: u64, router_skew
     let router =
         Router::new(RoutingShape::from_config(config), gate, scale).expect("generated router matches the config");
     let expert = |first_tensor: usize, index: usize| {
-        Expert::new(index, matrix(first_tensor), matrix(first_tensor + 1), matrix(first_tensor + 2))
-            .expect("generated experts match their shapes")
+        Expert::new(
+            index,
+            matrix(first_tensor),
+            matrix(first_tensor + 1),
+            matrix(first_tensor + 2),
+        )
+        .expect("generated experts match their shapes")
     };
     let per_group = config.experts_per_group();
     let groups = (0..config.num_groups())
@@ -352,8 +357,12 @@ pub fn generate(
             .iter()
             .zip(&values)
             .map(|(spec, values)| {
-                let view = TensorView::new(safetensors::Dtype::BF16, spec.shape.clone(), bytemuck::cast_slice(values))
-                    .map_err(|error| format_error(out, &error))?;
+                let view = TensorView::new(
+                    safetensors::Dtype::BF16,
+                    spec.shape.clone(),
+                    bytemuck::cast_slice(values),
+                )
+                .map_err(|error| format_error(out, &error))?;
                 Ok((spec.name.clone(), view))
             })
             .collect::<Result<Vec<_>, CheckpointError>>()?;

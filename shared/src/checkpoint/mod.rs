@@ -228,7 +228,11 @@ impl Checkpoint {
 
     /// Layers that have at least one tensor in the checkpoint, ascending.
     pub fn layers(&self) -> Vec<usize> {
-        let layers: BTreeSet<usize> = self.weight_map.keys().filter_map(|name| names::layer_of(name)).collect();
+        let layers: BTreeSet<usize> = self
+            .weight_map
+            .keys()
+            .filter_map(|name| names::layer_of(name))
+            .collect();
         layers.into_iter().collect()
     }
 
@@ -236,6 +240,15 @@ impl Checkpoint {
     pub fn files(&self) -> Vec<String> {
         let files: BTreeSet<&String> = self.weight_map.values().collect();
         files.into_iter().cloned().collect()
+    }
+
+    /// Shard files mapped so far, ascending; a process that loaded one layer
+    /// has mapped only that layer's shards.
+    pub fn mapped_files(&self) -> Vec<String> {
+        let shards = self.shards.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut files: Vec<String> = shards.keys().cloned().collect();
+        files.sort();
+        files
     }
 
     /// Every tensor's header entry; maps every shard.
