@@ -162,6 +162,9 @@ impl Expert {
     pub fn forward_dense(&self, kernel: Kernel, hidden: &[f32], tokens: usize) -> Result<Vec<f32>, ExpertError> {
         let h = self.hidden_size();
         check_hidden(hidden, tokens, h)?;
+        if tokens == 0 {
+            return Ok(Vec::new());
+        }
         let batch = ExpertBatch {
             expert: 0,
             rows: (0..tokens as u32).collect(),
@@ -312,7 +315,9 @@ fn check_hidden(hidden: &[f32], tokens: usize, hidden_size: usize) -> Result<(),
 
 /// Runs the SwiGLU MLP of each batch's expert on its rows and returns, per
 /// batch, `y` transposed: `[H, m]`.
+/// Every batch must have at least one row.
 fn run_swiglu(kernel: Kernel, experts: &[&Expert], hidden: &[f32], batches: &[ExpertBatch]) -> Vec<Vec<f32>> {
+    debug_assert!(batches.iter().all(|batch| !batch.rows.is_empty()));
     let Some(first) = experts.first() else {
         return Vec::new();
     };

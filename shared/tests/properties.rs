@@ -244,3 +244,20 @@ fn shuffle(values: &mut [usize], seed: u64) {
         values.swap(index, (state % (index as u64 + 1)) as usize);
     }
 }
+
+#[test]
+fn empty_batch_gives_empty_output() {
+    let layer = layer(4);
+    for mode in RoutingMode::ALL {
+        let options = RoutingOptions {
+            mode,
+            renormalize: false,
+        };
+        let output = layer.forward(Kernel::detect(), &[], 0, options).unwrap();
+        assert!(output.hidden.is_empty(), "{mode}");
+        assert!(
+            output.routing.group_assignments.iter().all(|&count| count == 0),
+            "{mode}"
+        );
+    }
+}
