@@ -84,7 +84,7 @@ def swiglu(x, gate, up, down):
 
 
 def moge_layer(x, weights, config, dtype):
-    """One MoGE layer: x [T, H] float32 -> [T, H] float32."""
+    """Run one MoGE layer: x [T, H] float32 -> [T, H] float32."""
     t = x.shape[0]
     n = config["num_experts"]
     k = config["num_experts_per_tok"]

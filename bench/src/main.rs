@@ -29,7 +29,7 @@ struct Args {
     /// Batch sizes T, comma-separated.
     #[arg(long, default_value = "1,8,64,256,1024", value_delimiter = ',')]
     tokens: Vec<usize>,
-    /// How expert weights are held: stored (bf16) or f32.
+    /// Storage format of expert weights: stored (bf16) or f32.
     #[arg(long, default_value = "stored")]
     weights: WeightFormat,
     /// Routing mode.
@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
     let threads = rayon::current_num_threads();
     let mut report = serde_json::json!({
         "threads": threads,
-        "kernel": format!("{:?}", Kernel::detect()),
+        "kernel": Kernel::detect().instruction_set(),
         "weights": format!("{:?}", args.weights),
         "routing": args.routing.as_str(),
     });
@@ -67,7 +67,10 @@ fn main() -> anyhow::Result<()> {
     let (config, layer) = match &args.checkpoint {
         Some(dir) => {
             let checkpoint = Checkpoint::open(dir)?;
-            let layer_index = *checkpoint.layers().first().context("the checkpoint holds no layer")?;
+            let layer_index = *checkpoint
+                .layers()
+                .first()
+                .context("the checkpoint contains no layer tensors")?;
             let layer = checkpoint.load_layer(layer_index, args.weights)?;
             (checkpoint.config().clone(), layer)
         }
@@ -102,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         rows.push(row);
     }
     report["layer"] = rows.into();
+    report["peak_rss_bytes"] = moge_shared::memory::peak_rss_bytes().into();
     let text = serde_json::to_string_pretty(&report)?;
     match &args.json {
         Some(path) => {

@@ -1,7 +1,7 @@
 //! `moge-ckpt run`: one layer in process, on hidden states from a file.
 //!
 //! The input is a safetensors file with a `hidden_states` tensor `[T, H]` in
-//! BF16, F16 or F32. The output file holds `output` (`[T, H]`, the input's
+//! BF16, F16 or F32. The output file contains `output` (`[T, H]`, the input's
 //! dtype), `expert_ids` (`[T, K]`, I32), `expert_weights` (`[T, K]`, F32) and
 //! `group_assignments` (`[M]`, I64). A JSON summary goes to standard output.
 
@@ -30,7 +30,7 @@ pub struct RunArgs {
     /// config's norm_topk_prob).
     #[arg(long)]
     renormalize: Option<bool>,
-    /// How expert weights are held: `stored` (checkpoint dtype) or `f32`.
+    /// Storage format of expert weights: `stored` (checkpoint dtype) or `f32`.
     #[arg(long, default_value = "stored")]
     weights: WeightFormat,
     /// Use the portable kernel instead of the fastest one this CPU supports.
@@ -49,7 +49,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("failed to open checkpoint {}", args.checkpoint.display()))?;
     let layer = match args.layer {
         Some(layer) => layer,
-        None => *checkpoint.layers().first().context("the checkpoint holds no layer")?,
+        None => *checkpoint
+            .layers()
+            .first()
+            .context("the checkpoint contains no layer tensors")?,
     };
     let started = Instant::now();
     let moe = checkpoint.load_layer(layer, args.weights)?;
@@ -124,11 +127,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "tokens": tokens,
         "dtype": dtype.safetensors_name(),
         "routing": args.routing.as_str(),
-        "kernel": format!("{kernel:?}"),
+        "kernel": kernel.instruction_set(),
         "group_assignments": output.routing.group_assignments,
         "imbalance_score": output.routing.imbalance_score_per_group(),
         "load_seconds": load_seconds,
         "forward_seconds": forward_seconds,
+        "expert_weight_bytes": moe.expert_bytes(),
+        "peak_rss_bytes": moge_shared::memory::peak_rss_bytes(),
     });
     println!("{summary}");
     Ok(())

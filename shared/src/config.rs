@@ -77,7 +77,7 @@ pub enum ConfigError {
         field: &'static str,
         /// The value found.
         value: String,
-        /// What the field must satisfy.
+        /// Constraint the field must satisfy.
         expected: String,
     },
 }
@@ -150,6 +150,7 @@ impl ModelConfig {
                 return Err(invalid(field, value, "a positive integer"));
             }
         }
+
         if self.hidden_act != "silu" {
             return Err(ConfigError::InvalidField {
                 field: "hidden_act",
@@ -157,6 +158,7 @@ impl ModelConfig {
                 expected: "\"silu\" (the experts are SwiGLU MLPs)".to_owned(),
             });
         }
+
         let groups = self.num_groups();
         if groups == 0 {
             return Err(invalid("n_group", groups, "a positive integer"));
@@ -182,6 +184,7 @@ impl ModelConfig {
                 &format!("at most num_experts ({})", self.num_experts),
             ));
         }
+
         let topk_group = self.topk_group();
         if topk_group == 0 || topk_group > groups {
             return Err(invalid(

@@ -148,7 +148,7 @@ impl Expert {
         self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
     }
 
-    /// Returns the expert with its weights held as `format` asks.
+    /// Returns the expert with its weights converted to `format`.
     pub fn into_format(self, format: WeightFormat) -> Expert {
         Expert {
             gate_proj: self.gate_proj.into_format(format),
@@ -160,25 +160,8 @@ impl Expert {
     /// Runs the expert on every token (`[T, H]`) and returns `[T, H]`; this
     /// is how the shared expert runs.
     pub fn forward_dense(&self, kernel: Kernel, hidden: &[f32], tokens: usize) -> Result<Vec<f32>, ExpertError> {
-        let h = self.hidden_size();
-        check_hidden(hidden, tokens, h)?;
-        if tokens == 0 {
-            return Ok(Vec::new());
-        }
-        let batch = ExpertBatch {
-            expert: 0,
-            rows: (0..tokens as u32).collect(),
-            weights: Vec::new(),
-        };
-        let outputs = run_swiglu(kernel, &[self], hidden, &[batch]);
-        let y_t = &outputs[0];
-        let mut out = vec![0.0; tokens * h];
-        for (col, values) in y_t.chunks_exact(tokens.max(1)).enumerate().take(h) {
-            for (token, &value) in values.iter().enumerate() {
-                out[token * h + col] = value;
-            }
-        }
-        Ok(out)
+        let (_, shared) = forward_groups(kernel, hidden, tokens, &[], Some(self))?;
+        Ok(shared.unwrap_or_default())
     }
 }
 
@@ -221,23 +204,12 @@ impl ExpertGroup {
         tokens: usize,
         assignments: &[Assignment],
     ) -> Result<Vec<f32>, ExpertError> {
-        let h = self.hidden_size();
-        check_hidden(hidden, tokens, h)?;
-        let batches = self.bucket(tokens, assignments)?;
-        let outputs = run_swiglu(kernel, &self.experts.iter().collect::<Vec<_>>(), hidden, &batches);
-
-        // Scatter-add in ascending expert order (the order of `batches`).
-        let mut out = vec![0.0f32; tokens * h];
-        for (batch, y_t) in batches.iter().zip(&outputs) {
-            let m = batch.rows.len();
-            for (i, (&row, &weight)) in batch.rows.iter().zip(&batch.weights).enumerate() {
-                let out_row = &mut out[row as usize * h..(row as usize + 1) * h];
-                for (col, value) in out_row.iter_mut().enumerate() {
-                    *value += weight * y_t[col * m + i];
-                }
-            }
-        }
-        Ok(out)
+        let work = [GroupWork {
+            group: self,
+            assignments,
+        }];
+        let (mut partials, _) = forward_groups(kernel, hidden, tokens, &work, None)?;
+        Ok(partials.pop().unwrap_or_default())
     }
 
     /// Validates the assignments and groups them by expert, in ascending
@@ -298,6 +270,97 @@ impl ExpertGroup {
         batches.retain(|batch| !batch.rows.is_empty());
         Ok(batches)
     }
+}
+
+/// Per-group `[T, H]` partial sums and the shared expert's `[T, H]` output.
+pub type GroupOutputs = (Vec<Vec<f32>>, Option<Vec<f32>>);
+
+/// One group's share of a batch for [`forward_groups`].
+#[derive(Clone, Copy)]
+pub struct GroupWork<'a> {
+    /// The group.
+    pub group: &'a ExpertGroup,
+    /// Its assignments, with group-local expert indices.
+    pub assignments: &'a [Assignment],
+}
+
+/// Runs several groups and optionally the shared expert on one batch, with
+/// every expert's products scheduled together, so a whole layer in one
+/// process needs two parallel phases instead of two per group.
+///
+/// Returns one `[T, H]` partial sum per entry of `work`, computed exactly as
+/// [`ExpertGroup::forward`] computes it alone, and the shared expert's
+/// `[T, H]` output when `shared` is given.
+pub fn forward_groups(
+    kernel: Kernel,
+    hidden: &[f32],
+    tokens: usize,
+    work: &[GroupWork<'_>],
+    shared: Option<&Expert>,
+) -> Result<GroupOutputs, ExpertError> {
+    let h = shared
+        .map(Expert::hidden_size)
+        .or_else(|| work.first().map(|item| item.group.hidden_size()))
+        .unwrap_or(0);
+    check_hidden(hidden, tokens, h)?;
+
+    // One list of experts and one list of batches across all groups.
+    let mut experts: Vec<&Expert> = Vec::new();
+    let mut batches = Vec::new();
+    let mut group_batches = Vec::with_capacity(work.len());
+    for item in work {
+        let offset = experts.len();
+        experts.extend(item.group.experts.iter());
+        let start = batches.len();
+        for mut batch in item.group.bucket(tokens, item.assignments)? {
+            batch.expert += offset;
+            batches.push(batch);
+        }
+        group_batches.push(start..batches.len());
+    }
+    let shared_batch = match shared {
+        Some(expert) if tokens > 0 => {
+            experts.push(expert);
+            batches.push(ExpertBatch {
+                expert: experts.len() - 1,
+                rows: (0..tokens as u32).collect(),
+                weights: Vec::new(),
+            });
+            Some(batches.len() - 1)
+        }
+        _ => None,
+    };
+    let outputs = run_swiglu(kernel, &experts, hidden, &batches);
+
+    // Scatter-add in ascending expert order (the order of each group's batches).
+    let partials = group_batches
+        .into_iter()
+        .map(|range| {
+            let mut out = vec![0.0f32; tokens * h];
+            for (batch, y_t) in batches[range.clone()].iter().zip(&outputs[range]) {
+                let m = batch.rows.len();
+                for (i, (&row, &weight)) in batch.rows.iter().zip(&batch.weights).enumerate() {
+                    let out_row = &mut out[row as usize * h..(row as usize + 1) * h];
+                    for (col, value) in out_row.iter_mut().enumerate() {
+                        *value += weight * y_t[col * m + i];
+                    }
+                }
+            }
+            out
+        })
+        .collect();
+    let shared_out = shared.map(|_| {
+        let mut out = vec![0.0; tokens * h];
+        if let Some(index) = shared_batch {
+            for (col, values) in outputs[index].chunks_exact(tokens).enumerate() {
+                for (token, &value) in values.iter().enumerate() {
+                    out[token * h + col] = value;
+                }
+            }
+        }
+        out
+    });
+    Ok((partials, shared_out))
 }
 
 fn check_hidden(hidden: &[f32], tokens: usize, hidden_size: usize) -> Result<(), ExpertError> {

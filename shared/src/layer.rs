@@ -3,9 +3,17 @@
 //! this type is the in-process path that tests and benchmarks compare them to.
 
 use crate::config::ModelConfig;
-use crate::expert::{Expert, ExpertError, ExpertGroup};
+use crate::expert::{Expert, ExpertError, ExpertGroup, GroupWork, forward_groups};
 use crate::kernels::Kernel;
-use crate::routing::{Router, Routing, RoutingError, RoutingOptions, RoutingShape};
+use crate::routing::{Assignment, Router, Routing, RoutingError, RoutingOptions, RoutingShape};
+
+/// Batches up to this many tokens run all groups in one pair of parallel
+/// phases, which saves the per-group synchronisation that dominates decode
+/// batches; larger batches run group by group, which keeps the intermediate
+/// buffers of one group in cache (about 20% faster at T = 256 on the Pangu
+/// Pro MoE shape, measured with `moge-bench` on 2 cores). Both give the
+/// same bits.
+const JOINT_SCHEDULE_MAX_TOKENS: usize = 8;
 
 /// All weights of one MoE layer.
 #[derive(Clone, Debug)]
@@ -72,18 +80,39 @@ impl MoeLayer {
         options: RoutingOptions,
     ) -> Result<LayerOutput, LayerError> {
         let routing = self.router.route(kernel, hidden, tokens, options)?;
-        let mut out = self.shared_expert.forward_dense(kernel, hidden, tokens)?;
-        for group in &self.groups {
-            let assignments = routing.group_assignments(self.shape(), group.group);
-            if assignments.is_empty() {
-                continue;
+        let assignments: Vec<Vec<Assignment>> = self
+            .groups
+            .iter()
+            .map(|group| routing.group_assignments(self.shape(), group.group))
+            .collect();
+        let work: Vec<GroupWork<'_>> = self
+            .groups
+            .iter()
+            .zip(&assignments)
+            .map(|(group, assignments)| GroupWork { group, assignments })
+            .collect();
+        let (partials, shared) = if tokens <= JOINT_SCHEDULE_MAX_TOKENS {
+            forward_groups(kernel, hidden, tokens, &work, Some(&self.shared_expert))?
+        } else {
+            let mut partials = Vec::with_capacity(work.len());
+            for item in &work {
+                let (mut partial, _) = forward_groups(kernel, hidden, tokens, std::slice::from_ref(item), None)?;
+                partials.append(&mut partial);
             }
-            let partial = group.forward(kernel, hidden, tokens, &assignments)?;
+            let (_, shared) = forward_groups(kernel, hidden, tokens, &[], Some(&self.shared_expert))?;
+            (partials, shared)
+        };
+
+        // Sum as the gateway does: the shared expert, then each group's
+        // partial in group order.
+        let mut out = shared.unwrap_or_default();
+        let h = self.hidden_size();
+        let mut added = vec![false; tokens];
+        for (partial, assignments) in partials.iter().zip(&assignments) {
             // Add only the rows this group computed: adding a zero row could
             // turn a -0.0 into +0.0 and make a row depend on its batch.
-            let h = self.hidden_size();
-            let mut added = vec![false; tokens];
-            for assignment in &assignments {
+            added.fill(false);
+            for assignment in assignments {
                 let row = assignment.row as usize;
                 if std::mem::replace(&mut added[row], true) {
                     continue;

@@ -19,6 +19,7 @@ pub mod dtype;
 pub mod expert;
 pub mod kernels;
 pub mod layer;
+pub mod memory;
 pub mod routing;
 pub mod weights;
 

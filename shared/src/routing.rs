@@ -21,7 +21,7 @@ use crate::config::ModelConfig;
 use crate::kernels::{self, Kernel};
 use crate::weights::WeightMatrix;
 
-/// How the router picks each token's experts.
+/// Rule the router uses to pick each token's experts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RoutingMode {
     /// Mixture of Grouped Experts: the best K' experts inside every group.
@@ -75,7 +75,7 @@ impl FromStr for RoutingMode {
 /// Routing choices that may differ per deployment or per request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RoutingOptions {
-    /// Which experts each token takes.
+    /// Rule for picking each token's experts.
     pub mode: RoutingMode,
     /// Divide the chosen softmax scores by their sum before `router_scale`.
     pub renormalize: bool,
@@ -177,14 +177,14 @@ pub struct Assignment {
 }
 
 impl Routing {
-    /// The chosen experts and weights of token `t`.
+    /// Returns the chosen experts and weights of token `t`.
     pub fn token(&self, t: usize) -> (&[u32], &[f32]) {
         let range = t * self.top_k..(t + 1) * self.top_k;
         (&self.expert_ids[range.clone()], &self.expert_weights[range])
     }
 
-    /// The assignments of one group, in token order, with group-local expert
-    /// indices.
+    /// Collects the assignments of one group, in token order, with group-local
+    /// expert indices.
     pub fn group_assignments(&self, shape: &RoutingShape, group: usize) -> Vec<Assignment> {
         let per_group = shape.experts_per_group();
         let first = group * per_group;
@@ -386,7 +386,7 @@ fn softmax(token: usize, logits: &[f32], scores: &mut [f32]) -> Result<(), Routi
     Ok(())
 }
 
-/// Whether `(score_a, index_a)` ranks before `(score_b, index_b)`: higher
+/// Returns whether `(score_a, index_a)` ranks before `(score_b, index_b)`: higher
 /// score first, lower index on ties.
 #[inline]
 fn ranks_before(a: (f32, u32), b: (f32, u32)) -> bool {

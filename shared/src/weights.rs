@@ -11,13 +11,13 @@ use memmap2::Mmap;
 
 use crate::dtype::DType;
 
-/// How a process holds expert weights in memory.
+/// In-memory storage format of expert weights.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WeightFormat {
     /// Keep the checkpoint's dtype, mapped from the file without a copy when
-    /// the data is aligned. Half the bytes of f32 for bf16 checkpoints, so
-    /// memory-bound small batches run faster; the kernels widen each element
-    /// to f32 exactly, so results are identical to [`WeightFormat::F32`].
+    /// the data is aligned. A bf16 checkpoint then takes half the bytes of
+    /// f32, so memory-bound small batches run faster. The kernels widen each
+    /// element to f32 exactly, so results equal those of [`WeightFormat::F32`].
     #[default]
     Stored,
     /// Convert every weight to f32 when loading.
@@ -120,7 +120,7 @@ pub struct ShapeError {
 }
 
 impl WeightMatrix {
-    /// Builds a matrix, checking that `data` holds `rows * cols` elements.
+    /// Builds a matrix, checking that `data` contains `rows * cols` elements.
     pub fn new(rows: usize, cols: usize, data: WeightData) -> Result<Self, ShapeError> {
         let actual = match &data {
             WeightData::F32(buffer) => buffer.as_slice().len(),
@@ -210,7 +210,7 @@ impl WeightMatrix {
         }
     }
 
-    /// Returns the matrix held as `format` asks.
+    /// Returns the matrix converted to `format`.
     pub fn into_format(self, format: WeightFormat) -> WeightMatrix {
         match format {
             WeightFormat::Stored => self,

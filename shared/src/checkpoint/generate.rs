@@ -65,7 +65,7 @@ impl Preset {
         }
     }
 
-    /// The preset's configuration.
+    /// Returns the preset's configuration.
     pub fn config(self) -> ModelConfig {
         let (hidden, intermediate, shared, layers) = match self {
             Preset::PanguProMoe => (5120, 1344, 5376, 48),
@@ -95,7 +95,7 @@ impl Preset {
     }
 }
 
-/// What to generate.
+/// Options of [`generate`].
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
     /// Model shape.
@@ -127,7 +127,7 @@ impl GenerateOptions {
         }
     }
 
-    /// The configuration written to `config.json`.
+    /// Returns the configuration written to `config.json`.
     pub fn config(&self) -> Result<ModelConfig, CheckpointError> {
         let mut config = self.preset.config();
         if let Some(groups) = self.num_groups {
@@ -141,7 +141,7 @@ impl GenerateOptions {
     }
 }
 
-/// What [`generate`] wrote.
+/// Summary of what [`generate`] wrote.
 #[derive(Clone, Debug)]
 pub struct GenerateSummary {
     /// Files written, config and index included.

@@ -74,7 +74,7 @@ pub enum CheckpointError {
     /// A file could not be opened, mapped or written.
     #[error("{action} {path}: {source}")]
     Io {
-        /// What was being done.
+        /// Action that failed, such as "failed to open".
         action: &'static str,
         /// The file.
         path: PathBuf,
@@ -89,7 +89,7 @@ pub enum CheckpointError {
     Format {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// Description of the problem.
         message: String,
     },
     /// A tensor the request needs is not in the checkpoint.
@@ -251,7 +251,7 @@ impl Checkpoint {
         files
     }
 
-    /// Every tensor's header entry; maps every shard.
+    /// Lists every tensor's header entry, mapping every shard.
     pub fn tensors(&self) -> Result<Vec<TensorEntry>, CheckpointError> {
         let mut entries = Vec::with_capacity(self.weight_map.len());
         for (name, file) in &self.weight_map {

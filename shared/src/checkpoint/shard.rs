@@ -32,7 +32,7 @@ impl Shard {
         };
         let file = File::open(path).map_err(|source| io_error("failed to open", source))?;
         // SAFETY: the map is read-only. Like every reader of memory-mapped
-        // model files, this relies on nobody truncating or rewriting the
+        // model files, this relies on no process truncating or rewriting the
         // checkpoint while a process serves it.
         let map = unsafe { Mmap::map(&file) }.map_err(|source| io_error("failed to map", source))?;
         let (header_len, metadata) =

@@ -37,8 +37,15 @@ use crate::weights::{WeightData, WeightMatrix};
 
 pub use portable::dot_portable;
 
-/// Rows of `W` one task computes; tasks are what threads share.
+/// Rows of `W` one task computes for batches; tasks are what threads share.
 const BLOCK_ROWS: usize = 16;
+
+/// Rows per task below [`FEW_TOKENS`] tokens, where a task streams weights at
+/// memory bandwidth and larger tasks amortize the scheduling cost.
+const BLOCK_ROWS_FEW_TOKENS: usize = 64;
+
+/// Token count below which tasks take [`BLOCK_ROWS_FEW_TOKENS`] rows.
+const FEW_TOKENS: usize = 4;
 
 /// Multiply-adds below which a call runs on the calling thread alone.
 const PARALLEL_MIN_WORK: usize = 1 << 18;
@@ -80,7 +87,7 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU supports.
+    /// Detects the fastest kernel this CPU supports.
     pub fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
@@ -92,6 +99,19 @@ impl Kernel {
             }
         }
         Kernel::Portable
+    }
+}
+
+impl Kernel {
+    /// Names the instruction set the kernel runs on this CPU: `avx512vl`
+    /// (the AVX2 kernel with 32 vector registers), `avx2` or `portable`.
+    pub fn instruction_set(self) -> &'static str {
+        match self {
+            Kernel::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 if x86::avx512_supported() => "avx512vl",
+            Kernel::Avx2 => "avx2",
+        }
     }
 }
 
@@ -134,8 +154,13 @@ pub fn matmul_transposed(kernel: Kernel, jobs: &mut [MatmulJob<'_>]) {
             continue;
         }
         work += rows * cols * job.tokens;
-        for (block, out) in job.out_t.chunks_mut(BLOCK_ROWS * job.tokens).enumerate() {
-            let start = block * BLOCK_ROWS;
+        let block_rows = if job.tokens < FEW_TOKENS {
+            BLOCK_ROWS_FEW_TOKENS
+        } else {
+            BLOCK_ROWS
+        };
+        for (block, out) in job.out_t.chunks_mut(block_rows * job.tokens).enumerate() {
+            let start = block * block_rows;
             tasks.push(Task {
                 x: job.x,
                 tokens: job.tokens,

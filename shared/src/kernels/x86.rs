@@ -120,7 +120,7 @@ fn run<E: Load8>(w: &[E], cols: usize, x: &[f32], tokens: usize, out: &mut [f32]
     }
 }
 
-fn avx512_supported() -> bool {
+pub(super) fn avx512_supported() -> bool {
     is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl")
 }
 
