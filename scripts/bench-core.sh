@@ -22,7 +22,12 @@ results=.cache/bench/results
 mkdir -p "$results"
 
 cargo build --release --locked -p moge-ckpt -p moge-bench
-bash scripts/bench-env.sh
+# PyPI's Linux wheel of torch pulls its CUDA libraries too (about 5 GB);
+# nothing in the test suite needs this environment.
+bash scripts/python-env.sh .venv-bench bench/python/requirements.txt
+
+echo "== ceilings" >&2
+RAYON_NUM_THREADS=$threads target/release/moge-bench --ceilings-only --json "$results/ceilings.json"
 
 for preset in pangu-pro-moe small; do
     checkpoint=.cache/bench/$preset
@@ -32,7 +37,7 @@ for preset in pangu-pro-moe small; do
     for weights in stored f32; do
         echo "== moge-bench $preset, weights $weights" >&2
         RAYON_NUM_THREADS=$threads target/release/moge-bench --checkpoint "$checkpoint" \
-            --tokens "$tokens" --seconds "$seconds" --weights "$weights" \
+            --tokens "$tokens" --seconds "$seconds" --weights "$weights" --no-ceilings \
             --json "$results/rust-$preset-$weights.json"
     done
     for dtype in float32 bfloat16; do

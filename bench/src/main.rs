@@ -38,9 +38,13 @@ struct Args {
     /// Minimum seconds of timed runs per batch size.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// Skip the ceiling probes.
+    /// Skip the ceiling probes. Run them in a separate process when the peak
+    /// RSS of the layer matters, because the bandwidth probe touches 1 GiB.
     #[arg(long)]
     no_ceilings: bool,
+    /// Run only the ceiling probes.
+    #[arg(long, conflicts_with = "no_ceilings")]
+    ceilings_only: bool,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -61,6 +65,9 @@ fn main() -> anyhow::Result<()> {
         eprintln!("ceiling: sgemm {gemm:.1} GFLOP/s, read bandwidth {bandwidth:.1} GB/s ({threads} threads)");
         report["gemm_gflops"] = gemm.into();
         report["read_gb_per_s"] = bandwidth.into();
+    }
+    if args.ceilings_only {
+        return write_report(&report, args.json.as_deref());
     }
 
     let started = Instant::now();
@@ -106,8 +113,12 @@ fn main() -> anyhow::Result<()> {
     }
     report["layer"] = rows.into();
     report["peak_rss_bytes"] = moge_shared::memory::peak_rss_bytes().into();
-    let text = serde_json::to_string_pretty(&report)?;
-    match &args.json {
+    write_report(&report, args.json.as_deref())
+}
+
+fn write_report(report: &serde_json::Value, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    match path {
         Some(path) => {
             std::fs::write(path, text + "\n").with_context(|| format!("failed to write {}", path.display()))?
         }

@@ -16,11 +16,10 @@
 //! 2. The lanes are summed as `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`.
 //! 3. The `cols % 8` tail elements are fused-multiply-added in order.
 //!
-//! Tiling over rows and tokens, threads, and whether bf16 weights are widened
-//! on the fly or into a scratch block first all change only which elements
-//! are computed together, never the sequence for one element (widening bf16
-//! or f16 to f32 is exact). So a token's output row is bitwise the same in
-//! any batch. General GEMM crates pick blocking and code paths by matrix
+//! Tiling over rows and tokens and the split among threads change only which
+//! elements are computed together, never the sequence for one element, and
+//! widening bf16 or f16 weights to f32 is exact. So a token's output row is
+//! bitwise the same in any batch. General GEMM crates pick blocking and code paths by matrix
 //! shape, which changes summation order with the batch size; that is why the
 //! experts use these kernels instead.
 
