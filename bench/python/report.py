@@ -41,11 +41,11 @@ def main():
             rss = run["peak_rss_bytes"]
             print(f"Peak RSS with {name}: {rss / 1e9:.2f} GB for {weights / 1e9:.2f} GB of expert weights "
                   f"({rss / weights - 1:+.0%}).\n")
-        print("| T | tokens/s (bf16 weights) | GFLOP/s | of sgemm | weight GB/s | of read BW "
+        print("| T | route ms | tokens/s (bf16 weights) | GFLOP/s | of sgemm | weight GB/s | of read BW "
               "| tokens/s (f32 weights) | torch f32 tokens/s | vs torch f32 | torch bf16 tokens/s | vs torch bf16 |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row, row32, t32, t16 in zip(stored["layer"], as_f32["layer"], torch32["layer"], torch16["layer"]):
-            print(f"| {row['tokens']} | {row['tokens_per_s']:.1f} | {row['gflops']:.1f} | "
+            print(f"| {row['tokens']} | {row['route_ms']:.3f} | {row['tokens_per_s']:.1f} | {row['gflops']:.1f} | "
                   f"{row['gflops'] / gemm:.0%} | {row['weight_gb_per_s']:.1f} | "
                   f"{row['weight_gb_per_s'] / bandwidth:.0%} | {row32['tokens_per_s']:.1f} | "
                   f"{t32['tokens_per_s']:.1f} | {row['tokens_per_s'] / t32['tokens_per_s']:.2f}x | "
