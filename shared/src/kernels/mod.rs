@@ -19,9 +19,11 @@
 //! Tiling over rows and tokens and the split among threads change only which
 //! elements are computed together, never the sequence for one element, and
 //! widening bf16 or f16 weights to f32 is exact. So a token's output row is
-//! bitwise the same in any batch. General GEMM crates pick blocking and code paths by matrix
-//! shape, which changes summation order with the batch size; that is why the
-//! experts use these kernels instead.
+//! bitwise the same in any batch.
+//!
+//! General GEMM crates pick blocking and code paths by matrix shape, which
+//! changes the summation order with the batch size. That is why the experts
+//! use these kernels instead.
 
 mod portable;
 #[cfg(target_arch = "x86_64")]

@@ -116,7 +116,7 @@ struct Shape {
 
 /// Defines `tiles` for one set of target features and token tile width.
 ///
-/// Both instances run the same eight-lane sequence per output element; with
+/// Both instances run the same eight-lane sequence per output element. With
 /// AVX-512VL the compiler has 32 vector registers instead of 16, so a tile
 /// can hold 4 x 6 accumulators (10 loads per 24 FMAs instead of 7 per 12).
 macro_rules! tile_kernel {
