@@ -3,6 +3,7 @@
 mod inspect;
 mod run;
 
+use std::io::IsTerminal;
 use std::ops::Range;
 use std::path::PathBuf;
 
@@ -53,7 +54,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Router skew X >= 0: favoured experts' gate rows are scaled by 1 + X.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     router_skew: f32,
     /// Explicit group count M (written as `n_group`); default K, as Pangu Pro MoE.
     #[arg(long)]
@@ -96,6 +97,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
@@ -136,7 +138,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         router_skew = args.router_skew,
         tensors = summary.tensors,
         bytes = summary.bytes,
-        files = summary.files.len(),
+        shards = summary.files.iter().filter(|path| path.extension().is_some_and(|ext| ext == "safetensors")).count(),
         seconds = started.elapsed().as_secs_f64(),
         "checkpoint written"
     );

@@ -47,13 +47,18 @@ pub struct RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let checkpoint = Checkpoint::open(&args.checkpoint)
         .with_context(|| format!("failed to open checkpoint {}", args.checkpoint.display()))?;
+    let present = checkpoint.layers();
     let layer = match args.layer {
         Some(layer) => layer,
-        None => *checkpoint
-            .layers()
-            .first()
-            .context("the checkpoint contains no layer tensors")?,
+        None => *present.first().context("the checkpoint contains no layer tensors")?,
     };
+    let layers = checkpoint.config().num_hidden_layers;
+    if layer < layers && !present.contains(&layer) {
+        bail!(
+            "layer {layer} is not in checkpoint {}, which contains layers {present:?}",
+            args.checkpoint.display()
+        );
+    }
     let started = Instant::now();
     let moe = checkpoint.load_layer(layer, args.weights)?;
     let load_seconds = started.elapsed().as_secs_f64();
@@ -74,6 +79,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         bail!("hidden_states has shape {:?}, expected [T, {h}]", hidden.shape());
     }
     let values = dtype.decode(hidden.data())?;
+    if let Some(index) = values.iter().position(|value| !value.is_finite()) {
+        bail!(
+            "hidden_states[{}][{}] is {}, expected finite values",
+            index / h,
+            index % h,
+            values[index]
+        );
+    }
 
     let kernel = if args.portable {
         Kernel::Portable

@@ -92,7 +92,13 @@ fn bad_arguments_fail_with_clear_messages() {
     let output = dir.path().join("out.safetensors");
     let output = output.to_str().unwrap();
 
-    let cases: [(&[&str], &str); 7] = [
+    let nan = dir.path().join("nan.safetensors");
+    let mut values = vec![0.5f32; 2 * 512];
+    values[512 + 3] = f32::NAN;
+    write_f32(&nan, "hidden_states", &[2, 512], &values);
+    let nan = nan.to_str().unwrap();
+
+    let cases: [(&[&str], &str); 9] = [
         (
             &["generate", "--preset", "bogus", "--out", &out],
             "unknown preset \"bogus\"",
@@ -106,7 +112,7 @@ fn bad_arguments_fail_with_clear_messages() {
             "layer 8 is out of range",
         ),
         (
-            &["generate", "--preset", "small", "--out", &out, "--router-skew=-1"],
+            &["generate", "--preset", "small", "--out", &out, "--router-skew", "-1"],
             "--router-skew is -1",
         ),
         (&["inspect", "/nonexistent/moge"], "/nonexistent/moge/config.json"),
@@ -127,6 +133,24 @@ fn bad_arguments_fail_with_clear_messages() {
                 output,
             ],
             "layer 9 is out of range",
+        ),
+        (
+            &[
+                "run",
+                "--checkpoint",
+                ckpt,
+                "--layer",
+                "0",
+                "--input",
+                wide,
+                "--output",
+                output,
+            ],
+            "contains layers [1]",
+        ),
+        (
+            &["run", "--checkpoint", ckpt, "--input", nan, "--output", output],
+            "hidden_states[1][3] is NaN",
         ),
     ];
     for (args, expected) in cases {

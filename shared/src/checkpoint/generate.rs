@@ -370,6 +370,7 @@ pub fn generate(
         let metadata = BTreeMap::from([("format".to_owned(), "pt".to_owned())]);
         safetensors::serialize_to_file(views, Some(metadata.into_iter().collect()), &path)
             .map_err(|error| format_error(&path, &error))?;
+        make_readable(&path)?;
         for (spec, values) in specs.iter().zip(&values) {
             weight_map.insert(spec.name.clone(), file.clone());
             summary.bytes += (values.len() * 2) as u64;
@@ -405,6 +406,23 @@ pub fn generate(
     write_json(&config_path, &document)?;
     summary.files.push(config_path);
     Ok(summary)
+}
+
+/// Gives a shard the permissions of the other files (the safetensors writer
+/// creates it readable by its owner only), so a serving account can read it.
+fn make_readable(path: &Path) -> Result<(), CheckpointError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|source| {
+            CheckpointError::Io {
+                action: "failed to set permissions of",
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    }
+    Ok(())
 }
 
 fn format_error(path: &Path, error: &dyn std::fmt::Display) -> CheckpointError {
