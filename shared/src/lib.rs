@@ -20,8 +20,10 @@ pub mod expert;
 pub mod kernels;
 pub mod layer;
 pub mod memory;
+pub mod proto;
 pub mod routing;
 pub mod weights;
+pub mod wire;
 
 pub use config::{ConfigError, ModelConfig};
 pub use dtype::DType;
