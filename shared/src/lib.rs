@@ -22,6 +22,7 @@ pub mod layer;
 pub mod memory;
 pub mod proto;
 pub mod routing;
+pub mod service;
 pub mod weights;
 pub mod wire;
 

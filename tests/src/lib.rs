@@ -11,3 +11,104 @@ pub fn binary(name: &str) -> PathBuf {
     }
     dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
 }
+
+/// A service binary started by a test, killed when dropped.
+pub struct ServiceProcess {
+    child: std::process::Child,
+    /// Address from the service's "listening" log line.
+    pub address: std::net::SocketAddr,
+    /// Log lines read so far.
+    pub log: Vec<String>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with `args` and waits, at most `timeout`, for its
+    /// "listening" log line, which carries `address=IP:PORT`.
+    pub fn start(binary: &str, args: &[&str], timeout: std::time::Duration) -> ServiceProcess {
+        use std::io::BufRead;
+
+        let path = self::binary(binary);
+        assert!(
+            path.exists(),
+            "{} is missing; build the binaries first (cargo build --release)",
+            path.display()
+        );
+        let mut child = std::process::Command::new(path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the service starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = std::time::Instant::now() + timeout;
+        let mut log = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = match lines.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "{binary} did not log \"listening\" within {timeout:?}; log so far:\n{}",
+                        log.join("\n")
+                    );
+                }
+            };
+            log.push(line.clone());
+            if line.contains("listening") {
+                let address = line
+                    .split_whitespace()
+                    .find_map(|field| field.strip_prefix("address="))
+                    .and_then(|value| value.parse().ok())
+                    .unwrap_or_else(|| panic!("no address= field in {line:?}"));
+                return ServiceProcess {
+                    child,
+                    address,
+                    log,
+                    lines,
+                };
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits, at most `timeout`, for the exit status;
+    /// collects the log lines written meanwhile.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
+                while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_millis(200)) {
+                    self.log.push(line);
+                }
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service did not exit within {timeout:?} of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
