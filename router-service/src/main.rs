@@ -13,8 +13,7 @@ use moge_shared::RoutingMode;
 use moge_shared::checkpoint::Checkpoint;
 use moge_shared::proto::moge::v1::host_server::HostServer;
 use moge_shared::proto::moge::v1::router_server::RouterServer;
-use moge_shared::service::{init_tracing, shutdown_signal};
-use tokio_stream::wrappers::TcpListenerStream;
+use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
 
 use crate::service::RouterService;
 
@@ -70,48 +69,14 @@ async fn main() -> anyhow::Result<()> {
         "router weights loaded"
     );
 
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.grpc_port))
-        .await
-        .with_context(|| format!("failed to listen on {}:{}", args.host, args.grpc_port))?;
-    let address = listener.local_addr()?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<RouterServer<RouterService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(moge_shared::proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("failed to build the reflection service")?;
     let router = RouterServer::new(service.clone())
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(HostServer::new(service))
-            .add_service(router)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
-    );
-    tracing::info!(%address, "listening");
-
-    let signal = shutdown_signal().await;
-    tracing::info!(
-        signal,
-        "shutting down: health is NOT_SERVING, draining in-flight requests"
-    );
-    health.set_not_serving::<RouterServer<RouterService>>().await;
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(Duration::from_secs(args.drain_timeout_seconds), server).await {
-        Ok(result) => result.context("server task failed")?.context("server failed")?,
-        Err(_) => tracing::warn!(
-            drain_timeout_seconds = args.drain_timeout_seconds,
-            "drain overran its timeout; exiting with requests in flight"
-        ),
-    }
-    tracing::info!("stopped");
+    let routes = tonic::service::Routes::new(router).add_service(HostServer::new(service));
+    let options = ServeOptions {
+        address: SocketAddr::new(args.host, args.grpc_port),
+        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+    };
+    serve_grpc(options, routes, "moge.v1.Router").await?;
     Ok(())
 }

@@ -39,3 +39,90 @@ pub async fn shutdown_signal() -> &'static str {
         "Ctrl-C"
     }
 }
+
+/// Listening address and drain timeout of a gRPC service.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Address to bind; port 0 picks a free port.
+    pub address: std::net::SocketAddr,
+    /// Time in-flight requests get to finish after the shutdown signal.
+    pub drain_timeout: std::time::Duration,
+}
+
+/// A failure to start or run a gRPC server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address could not be bound.
+    #[error("failed to listen on {address}: {source}")]
+    Bind {
+        /// Address requested.
+        address: std::net::SocketAddr,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The reflection service could not be built from the descriptors.
+    #[error("failed to build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server stopped with an error.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `routes` plus `grpc.health.v1` and server reflection until
+/// SIGTERM or SIGINT, then marks `service_name` NOT_SERVING, stops accepting
+/// connections and waits up to the drain timeout for in-flight requests.
+///
+/// Logs "listening" with the bound `address` once the socket is open.
+pub async fn serve_grpc(
+    options: ServeOptions,
+    routes: tonic::service::Routes,
+    service_name: &str,
+) -> Result<(), ServeError> {
+    use tonic_health::ServingStatus;
+
+    let listener = tokio::net::TcpListener::bind(options.address)
+        .await
+        .map_err(|source| ServeError::Bind {
+            address: options.address,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(|source| ServeError::Bind {
+        address: options.address,
+        source,
+    })?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status(service_name, ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let routes = routes.add_service(health_service).add_service(reflection);
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            }),
+    );
+    tracing::info!(%address, service = service_name, "listening");
+
+    let signal = shutdown_signal().await;
+    tracing::info!(
+        signal,
+        "shutting down: health is NOT_SERVING, draining in-flight requests"
+    );
+    health.set_service_status(service_name, ServingStatus::NotServing).await;
+    let _ = stop.send(());
+    match tokio::time::timeout(options.drain_timeout, server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(error)) => tracing::error!(%error, "server task panicked"),
+        Err(_) => tracing::warn!(
+            drain_timeout_seconds = options.drain_timeout.as_secs_f64(),
+            "drain overran its timeout; exiting with requests in flight"
+        ),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
