@@ -1,12 +1,158 @@
-//! `moge-gateway`: will serve the KServe v2 protocol in front of the router
-//! and the expert groups.
+//! `moge-gateway`: the KServe v2 gRPC front of a moge-serve deployment.
+//! It validates requests and asks the router for the routing. Then it sends
+//! every expert group its rows and the shared expert all rows, and sums.
 //!
-//! NOTE: the service is not built yet; this binary exits with status 2.
+//! NOTE: requests run one by one through the pipeline; the dynamic batcher,
+//! the HTTP/JSON front and the embedded single-process mode are not built.
 
-fn main() {
-    println!(
-        "moge-gateway {}: KServe v2 front not implemented yet; use `moge-ckpt run` for in-process inference",
-        env!("CARGO_PKG_VERSION")
+mod kserve;
+mod pipeline;
+mod upstream;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use moge_shared::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use moge_shared::proto::moge::v1::DescribeRequest;
+use moge_shared::proto::moge::v1::host_client::HostClient;
+use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
+
+use crate::kserve::{Frontend, KServe};
+use crate::pipeline::Shape;
+use crate::upstream::{Pool, Upstreams};
+
+#[derive(Parser)]
+#[command(version, about = "KServe v2 front of a moge-serve deployment")]
+struct Args {
+    /// Router address, `http://host:port`; comma-separated for replicas.
+    #[arg(long, env = "MOGE_ROUTER", value_delimiter = ',', required = true)]
+    router: Vec<String>,
+    /// Addresses of one expert group's replicas, comma-separated; repeat the
+    /// flag once per group, in group order.
+    #[arg(long = "group", required = true)]
+    groups: Vec<String>,
+    /// Shared expert address; comma-separated for replicas.
+    #[arg(long, env = "MOGE_SHARED_EXPERT", value_delimiter = ',', required = true)]
+    shared_expert: Vec<String>,
+    /// Model name clients use.
+    #[arg(long, env = "MOGE_MODEL_NAME", default_value = "moge")]
+    model_name: String,
+    /// Largest number of tokens in one request.
+    #[arg(long, env = "MOGE_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    max_batch_tokens: usize,
+    /// Address to listen on.
+    #[arg(long, env = "MOGE_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// gRPC port; 0 picks a free port, which the "listening" log line reports.
+    #[arg(long, env = "MOGE_GRPC_PORT", default_value_t = 8001)]
+    grpc_port: u16,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    max_message_bytes: usize,
+    /// Seconds that in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "MOGE_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
+    drain_timeout_seconds: u64,
+    /// Seconds to wait at start for the router to respond.
+    #[arg(long, env = "MOGE_STARTUP_TIMEOUT_SECONDS", default_value_t = 60)]
+    startup_timeout_seconds: u64,
+    /// Milliseconds between health probes of every upstream replica.
+    #[arg(long, env = "MOGE_PROBE_INTERVAL_MS", default_value_t = 500)]
+    probe_interval_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let args = Args::parse();
+    let split = |list: &String| list.split(',').map(str::to_owned).collect::<Vec<_>>();
+    let router = Pool::new("router".to_owned(), "moge.v1.Router", &args.router)?;
+    let groups = args
+        .groups
+        .iter()
+        .enumerate()
+        .map(|(group, list)| Pool::new(format!("group {group}"), "moge.v1.ExpertGroup", &split(list)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared_expert = Pool::new("shared expert".to_owned(), "moge.v1.ExpertGroup", &args.shared_expert)?;
+    let upstreams = Arc::new(Upstreams {
+        router,
+        groups,
+        shared_expert,
+    });
+
+    // The router describes the model; retry while it starts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.startup_timeout_seconds);
+    let description = loop {
+        let attempt = upstreams
+            .router
+            .call(|channel| async move {
+                let mut client = HostClient::new(channel);
+                client
+                    .describe(DescribeRequest {})
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+            .await;
+        match attempt {
+            Ok(description) => break description,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(%error, "router not reachable yet; will retry");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(error) => {
+                return Err(error).context("failed to describe the model through the router");
+            }
+        }
+    };
+    let num_groups = description.num_groups as usize;
+    if num_groups != upstreams.groups.len() {
+        bail!(
+            "--group is given {} times, but the model has {num_groups} groups",
+            upstreams.groups.len()
+        );
+    }
+    let shape = Shape {
+        hidden_size: description.hidden_size as usize,
+        top_k: description.top_k as usize,
+        num_groups,
+        experts_per_group: description.num_experts as usize / num_groups,
+    };
+    tracing::info!(
+        model = %args.model_name,
+        layers = ?description.layers,
+        hidden_size = shape.hidden_size,
+        groups = num_groups,
+        top_k = shape.top_k,
+        max_batch_tokens = args.max_batch_tokens,
+        "model described by the router"
     );
-    std::process::exit(2);
+    for pool in upstreams.pools() {
+        pool.probe().await;
+    }
+    upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms));
+
+    let frontend = Frontend {
+        model_name: args.model_name.clone(),
+        layers: description.layers.clone(),
+        shape,
+        max_batch_tokens: args.max_batch_tokens,
+        max_message_bytes: args.max_message_bytes,
+        upstreams,
+    };
+    let service = GrpcInferenceServiceServer::new(KServe::new(frontend))
+        .max_decoding_message_size(args.max_message_bytes)
+        .max_encoding_message_size(args.max_message_bytes);
+    let options = ServeOptions {
+        address: SocketAddr::new(args.host, args.grpc_port),
+        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+    };
+    serve_grpc(
+        options,
+        tonic::service::Routes::new(service),
+        "inference.GRPCInferenceService",
+    )
+    .await?;
+    Ok(())
 }

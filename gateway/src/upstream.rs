@@ -1,0 +1,219 @@
+//! Connections to the router, every expert group and the shared expert,
+//! with replica failover and a background health probe.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// One replica of an upstream service.
+pub struct Replica {
+    /// Address as configured, for logs and errors.
+    pub url: String,
+    /// Lazily connected channel.
+    pub channel: Channel,
+    ready: AtomicBool,
+}
+
+/// The replicas of one upstream service, tried in turn.
+pub struct Pool {
+    /// Name for logs and errors: `router`, `group 3` or `shared expert`.
+    pub name: String,
+    /// gRPC service name whose health decides readiness.
+    pub service: &'static str,
+    /// The replicas.
+    pub replicas: Vec<Replica>,
+    next: AtomicUsize,
+}
+
+/// A configured address that is not a valid URI.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: invalid upstream address {url:?}: {source}")]
+pub struct AddressError {
+    name: String,
+    url: String,
+    source: tonic::transport::Error,
+}
+
+impl Pool {
+    /// Builds a pool from `http://host:port` addresses; connects lazily.
+    pub fn new(name: String, service: &'static str, urls: &[String]) -> Result<Self, AddressError> {
+        let replicas = urls
+            .iter()
+            .map(|url| {
+                let endpoint = Endpoint::from_shared(url.clone()).map_err(|source| AddressError {
+                    name: name.clone(),
+                    url: url.clone(),
+                    source,
+                })?;
+                let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+                Ok(Replica {
+                    url: url.clone(),
+                    channel: endpoint.connect_lazy(),
+                    ready: AtomicBool::new(false),
+                })
+            })
+            .collect::<Result<Vec<_>, AddressError>>()?;
+        Ok(Pool {
+            name,
+            service,
+            replicas,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Replicas in the order to try them for one call: ready ones first,
+    /// starting from a rotating index so that calls spread over replicas.
+    pub fn order(&self) -> Vec<&Replica> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = self.replicas.len();
+        let rotated = (0..count).map(|offset| &self.replicas[(start + offset) % count]);
+        let (ready, not_ready): (Vec<&Replica>, Vec<&Replica>) = rotated.partition(|replica| replica.is_ready());
+        ready.into_iter().chain(not_ready).collect()
+    }
+
+    /// Returns whether at least one replica passed its last health check.
+    pub fn is_ready(&self) -> bool {
+        self.replicas.iter().any(Replica::is_ready)
+    }
+
+    /// Checks every replica's health once.
+    pub async fn probe(&self) {
+        for replica in &self.replicas {
+            let mut client = HealthClient::new(replica.channel.clone());
+            let request = HealthCheckRequest {
+                service: self.service.to_owned(),
+            };
+            let serving = matches!(
+                tokio::time::timeout(Duration::from_secs(1), client.check(request)).await,
+                Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
+            );
+            let was = replica.ready.swap(serving, Ordering::Relaxed);
+            if was != serving {
+                tracing::info!(upstream = %self.name, replica = %replica.url, ready = serving, "replica readiness changed");
+            }
+        }
+    }
+
+    /// Marks a replica not ready after a failed call, until the next probe.
+    pub fn mark_failed(&self, replica: &Replica, error: &tonic::Status) {
+        if replica.ready.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                upstream = %self.name,
+                replica = %replica.url,
+                code = ?error.code(),
+                message = error.message(),
+                "replica failed; will retry the call on another replica"
+            );
+        }
+    }
+}
+
+impl Replica {
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+}
+
+/// Every upstream of the gateway.
+pub struct Upstreams {
+    /// The router.
+    pub router: Pool,
+    /// Expert groups, by group index.
+    pub groups: Vec<Pool>,
+    /// The shared expert.
+    pub shared_expert: Pool,
+}
+
+impl Upstreams {
+    /// Lists all pools, router first.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        std::iter::once(&self.router)
+            .chain(self.groups.iter())
+            .chain(std::iter::once(&self.shared_expert))
+    }
+
+    /// Returns whether the router, every group and the shared expert have a
+    /// ready replica.
+    pub fn is_ready(&self) -> bool {
+        self.pools().all(Pool::is_ready)
+    }
+
+    /// Probes every replica every `interval`, forever.
+    pub fn spawn_probe(self: &Arc<Self>, interval: Duration) {
+        let upstreams = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                for pool in upstreams.pools() {
+                    pool.probe().await;
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+}
+
+/// Returns whether a failed call may succeed on another replica.
+fn is_retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+/// A call that failed on every replica, or failed for a reason another
+/// replica would share.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// No replica could be reached.
+    #[error("{upstream}: no replica reachable (last error: {last})")]
+    Unavailable {
+        /// Pool name.
+        upstream: String,
+        /// Last error seen.
+        last: String,
+    },
+    /// The upstream rejected the call.
+    #[error("{upstream}: {}", status.message())]
+    Rejected {
+        /// Pool name.
+        upstream: String,
+        /// The upstream's status.
+        status: tonic::Status,
+    },
+}
+
+impl Pool {
+    /// Calls `call` on one replica after another until one succeeds or
+    /// fails with an error another replica would share.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, CallError>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut last = "no replica configured".to_owned();
+        for replica in self.order() {
+            match call(replica.channel.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(status) if is_retryable(status.code()) => {
+                    self.mark_failed(replica, &status);
+                    last = format!("{}: {}", replica.url, status.message());
+                }
+                Err(status) => {
+                    return Err(CallError::Rejected {
+                        upstream: self.name.clone(),
+                        status,
+                    });
+                }
+            }
+        }
+        Err(CallError::Unavailable {
+            upstream: self.name.clone(),
+            last,
+        })
+    }
+}

@@ -1,0 +1,291 @@
+//! The whole deployment as separate processes on loopback: router, eight
+//! expert groups (group 0 with two replicas), the shared expert and the
+//! gateway, called through the KServe v2 gRPC API.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use moge_shared::checkpoint::Checkpoint;
+use moge_shared::kernels::Kernel;
+use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use moge_shared::proto::inference::infer_parameter::ParameterChoice;
+use moge_shared::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use moge_shared::proto::inference::{InferParameter, ModelInferRequest, ServerReadyRequest};
+use moge_shared::weights::WeightFormat;
+use moge_shared::{DType, RoutingOptions};
+use moge_tests::{ServiceProcess, binary};
+use tonic::transport::Channel;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn generate(dir: &Path) {
+    let output = Command::new(binary("moge-ckpt"))
+        .args(["generate", "--preset", "small", "--out", dir.to_str().unwrap()])
+        .output()
+        .expect("moge-ckpt starts");
+    assert!(
+        output.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+struct Stack {
+    router: ServiceProcess,
+    groups: Vec<Vec<ServiceProcess>>,
+    shared: ServiceProcess,
+    gateway: ServiceProcess,
+}
+
+fn start_stack(ckpt: &str) -> Stack {
+    let expert = |extra: &[&str]| {
+        let mut args = vec!["--checkpoint", ckpt, "--grpc-port", "0", "--compute-threads", "1"];
+        args.extend_from_slice(extra);
+        ServiceProcess::start("moge-expert", &args, START_TIMEOUT)
+    };
+    let router = ServiceProcess::start(
+        "moge-router",
+        &["--checkpoint", ckpt, "--grpc-port", "0"],
+        START_TIMEOUT,
+    );
+    let groups: Vec<Vec<ServiceProcess>> = (0..8)
+        .map(|group| {
+            let replicas = if group == 0 { 2 } else { 1 };
+            (0..replicas)
+                .map(|_| expert(&["--group", &group.to_string()]))
+                .collect()
+        })
+        .collect();
+    let shared = expert(&["--shared-expert"]);
+    let url = |process: &ServiceProcess| format!("http://{}", process.address);
+    let mut args = vec![
+        "--grpc-port".to_owned(),
+        "0".to_owned(),
+        "--router".to_owned(),
+        url(&router),
+        "--shared-expert".to_owned(),
+        url(&shared),
+        "--probe-interval-ms".to_owned(),
+        "100".to_owned(),
+    ];
+    for replicas in &groups {
+        args.push("--group".to_owned());
+        args.push(replicas.iter().map(url).collect::<Vec<_>>().join(","));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gateway = ServiceProcess::start("moge-gateway", &args, START_TIMEOUT);
+    Stack {
+        router,
+        groups,
+        shared,
+        gateway,
+    }
+}
+
+fn hidden_states(tokens: usize, seed: usize) -> Vec<f32> {
+    (0..tokens * 512)
+        .map(|i| ((((i + seed) * 7901) % 983) as f32 / 983.0 - 0.5) * 4.0)
+        .collect()
+}
+
+fn infer_request(values: &[f32], tokens: usize, dtype: DType, layer: i64, outputs: &[&str]) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: "moge".to_owned(),
+        id: format!("request-{tokens}"),
+        parameters: [(
+            "layer".to_owned(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(layer)),
+            },
+        )]
+        .into(),
+        inputs: vec![InferInputTensor {
+            name: "hidden_states".to_owned(),
+            datatype: dtype.kserve_name().to_owned(),
+            shape: vec![tokens as i64, 512],
+            ..Default::default()
+        }],
+        outputs: outputs
+            .iter()
+            .map(|name| InferRequestedOutputTensor {
+                name: (*name).to_owned(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: vec![dtype.encode(values).into()],
+        model_version: String::new(),
+    }
+}
+
+async fn wait_ready(client: &mut GrpcInferenceServiceClient<Channel>, ready: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready;
+        if state == ready {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not turn ready={ready} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(dir.path());
+    let mut stack = start_stack(dir.path().to_str().unwrap());
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
+        .await
+        .unwrap();
+    wait_ready(&mut client, true).await;
+
+    let layer = Checkpoint::open(dir.path())
+        .unwrap()
+        .load_layer(1, WeightFormat::Stored)
+        .unwrap();
+    for dtype in DType::ALL {
+        for tokens in [1, 300] {
+            let values = dtype.decode(&dtype.encode(&hidden_states(tokens, 1))).unwrap();
+            let request = infer_request(&values, tokens, dtype, 1, &["output", "expert_ids"]);
+            let reply = client.model_infer(request).await.unwrap().into_inner();
+            assert_eq!(reply.id, format!("request-{tokens}"));
+            assert_eq!(reply.outputs[0].datatype, dtype.kserve_name());
+            assert_eq!(reply.outputs[0].shape, [tokens as i64, 512]);
+            let expected = layer
+                .forward(Kernel::detect(), &values, tokens, RoutingOptions::default())
+                .unwrap();
+            // Same per-row sums in the same order as the in-process layer:
+            // equal after encoding to the request's dtype.
+            assert_eq!(
+                reply.raw_output_contents[0].as_ref(),
+                dtype.encode(&expected.hidden).as_slice(),
+                "{dtype} T={tokens}"
+            );
+            let ids: Vec<u32> = reply.raw_output_contents[1]
+                .chunks_exact(4)
+                .map(|chunk| u32::from_le_bytes(chunk.try_into().unwrap()))
+                .collect();
+            assert_eq!(ids, expected.routing.expert_ids);
+        }
+    }
+
+    // Killing one of group 0's two replicas: requests go on.
+    drop(stack.groups[0].remove(0));
+    for attempt in 0..4 {
+        let values = hidden_states(5, attempt);
+        let reply = client.model_infer(infer_request(&values, 5, DType::F32, 0, &[])).await;
+        assert!(
+            reply.is_ok(),
+            "attempt {attempt} failed after losing one replica: {reply:?}"
+        );
+    }
+
+    // Killing group 3's only replica: UNAVAILABLE, and the gateway turns not ready.
+    drop(stack.groups[3].remove(0));
+    let error = client
+        .model_infer(infer_request(&hidden_states(4, 9), 4, DType::F32, 0, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("group 3"), "{}", error.message());
+    wait_ready(&mut client, false).await;
+
+    let status = stack.gateway.terminate(Duration::from_secs(10));
+    assert!(status.success(), "gateway exit status {status}");
+    drop(stack.router);
+    drop(stack.shared);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_rejects_bad_requests_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    generate(dir.path());
+    let stack = start_stack(dir.path().to_str().unwrap());
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
+        .await
+        .unwrap();
+    wait_ready(&mut client, true).await;
+    let values = hidden_states(2, 0);
+    let good = || infer_request(&values, 2, DType::F32, 0, &[]);
+
+    let mut nan = values.clone();
+    nan[512 + 5] = f32::INFINITY;
+    let mut cases: Vec<(ModelInferRequest, tonic::Code, &str)> = Vec::new();
+    let mut request = good();
+    request.model_name = "other".to_owned();
+    cases.push((request, tonic::Code::NotFound, "model \"other\" is not served"));
+    let mut request = good();
+    request.model_version = "7".to_owned();
+    cases.push((request, tonic::Code::NotFound, "no version \"7\""));
+    cases.push((
+        infer_request(&values, 2, DType::F32, 5, &[]),
+        tonic::Code::InvalidArgument,
+        "layer: 5 is not hosted",
+    ));
+    let mut request = good();
+    request.inputs[0].shape = vec![2, 256];
+    cases.push((request, tonic::Code::InvalidArgument, "expected [T, 512]"));
+    let mut request = good();
+    request.inputs[0].shape = vec![1024];
+    cases.push((request, tonic::Code::InvalidArgument, "expected [T, 512]"));
+    let mut request = good();
+    request.raw_input_contents[0] = request.raw_input_contents[0].slice(..4000);
+    cases.push((request, tonic::Code::InvalidArgument, "4000 bytes do not match"));
+    let mut request = good();
+    request.inputs[0].datatype = "INT8".to_owned();
+    cases.push((
+        request,
+        tonic::Code::InvalidArgument,
+        "datatype \"INT8\" is not supported",
+    ));
+    cases.push((
+        infer_request(&nan, 2, DType::F32, 0, &[]),
+        tonic::Code::InvalidArgument,
+        "element [1, 5] is inf",
+    ));
+    cases.push((
+        infer_request(&values, 2, DType::F32, 0, &["logits"]),
+        tonic::Code::InvalidArgument,
+        "output \"logits\" is unknown",
+    ));
+    let mut request = good();
+    request.inputs.push(request.inputs[0].clone());
+    cases.push((request, tonic::Code::InvalidArgument, "inputs: 2 given"));
+    let many = hidden_states(8193, 0);
+    cases.push((
+        infer_request(&many, 8193, DType::BF16, 0, &[]),
+        tonic::Code::InvalidArgument,
+        "exceed the limit of 8192",
+    ));
+    for (request, code, message) in cases {
+        let error = client.model_infer(request).await.unwrap_err();
+        assert_eq!(error.code(), code, "{message}: {error:?}");
+        assert!(
+            error.message().contains(message),
+            "{:?} lacks {message:?}",
+            error.message()
+        );
+    }
+
+    // Zero tokens are valid: a data-parallel rank may have none.
+    let reply = client
+        .model_infer(infer_request(&[], 0, DType::BF16, 0, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.outputs[0].shape, [0, 512]);
+    assert!(reply.raw_output_contents[0].is_empty());
+    assert!(
+        client.model_infer(good()).await.is_ok(),
+        "a good request after the bad ones"
+    );
+}
