@@ -1,8 +1,6 @@
 //! `moge-expert`: hosts one expert group, or the shared expert, of one or
 //! more layers and serves `moge.v1.ExpertGroup` over gRPC.
 
-mod service;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,12 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use moge_shared::checkpoint::Checkpoint;
-use moge_shared::proto::moge::v1::expert_group_server::ExpertGroupServer;
-use moge_shared::proto::moge::v1::host_server::HostServer;
 use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
 use moge_shared::weights::WeightFormat;
 
-use crate::service::{ExpertService, Hosted};
+use moge_expert::{ExpertService, Hosted, routes};
 
 #[derive(Parser)]
 #[command(version, about = "Host one MoGE expert group, or the shared expert, over gRPC")]
@@ -78,11 +74,13 @@ async fn main() -> anyhow::Result<()> {
         Some(group) => Hosted::Group(group),
         None => Hosted::SharedExpert,
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(args.compute_threads)
-        .thread_name(|index| format!("moge-compute-{index}"))
-        .build()
-        .context("failed to start the compute thread pool")?;
+    let pool = std::sync::Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(args.compute_threads)
+            .thread_name(|index| format!("moge-compute-{index}"))
+            .build()
+            .context("failed to start the compute thread pool")?,
+    );
     let started = std::time::Instant::now();
     let service = ExpertService::load(&checkpoint, &layers, hosted, args.weights, pool, args.replica.clone())?;
     tracing::info!(
@@ -97,14 +95,11 @@ async fn main() -> anyhow::Result<()> {
         "expert weights loaded"
     );
 
-    let expert = ExpertGroupServer::new(service.clone())
-        .max_decoding_message_size(args.max_message_bytes)
-        .max_encoding_message_size(args.max_message_bytes);
-    let routes = tonic::service::Routes::new(expert).add_service(HostServer::new(service));
+    let routes = routes(service, args.max_message_bytes);
     let options = ServeOptions {
         address: SocketAddr::new(args.host, args.grpc_port),
         drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
     };
-    serve_grpc(options, routes, "moge.v1.ExpertGroup").await?;
+    serve_grpc(options, routes, moge_expert::SERVICE_NAME).await?;
     Ok(())
 }

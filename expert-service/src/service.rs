@@ -48,7 +48,7 @@ pub struct ExpertService {
 struct Inner {
     hosted: Hosted,
     layers: BTreeMap<usize, Arc<LayerWeights>>,
-    pool: rayon::ThreadPool,
+    pool: Arc<rayon::ThreadPool>,
     kernel: Kernel,
     hidden_size: usize,
     num_groups: usize,
@@ -65,7 +65,7 @@ impl ExpertService {
         layers: &[usize],
         hosted: Hosted,
         format: WeightFormat,
-        pool: rayon::ThreadPool,
+        pool: Arc<rayon::ThreadPool>,
         replica: String,
     ) -> Result<Self, CheckpointError> {
         let mut loaded = BTreeMap::new();

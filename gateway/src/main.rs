@@ -2,9 +2,13 @@
 //! It validates requests and asks the router for the routing. Then it sends
 //! every expert group its rows and the shared expert all rows, and sums.
 //!
-//! NOTE: requests run one by one through the pipeline; the dynamic batcher,
-//! the HTTP/JSON front and the embedded single-process mode are not built.
+//! With no upstream addresses it starts the router, every group and the
+//! shared expert in its own process (the embedded default).
+//!
+//! NOTE: requests run one by one through the pipeline; the dynamic batcher
+//! and the HTTP/JSON front are not built yet.
 
+mod embedded;
 mod kserve;
 mod pipeline;
 mod upstream;
@@ -20,6 +24,7 @@ use moge_shared::proto::moge::v1::DescribeRequest;
 use moge_shared::proto::moge::v1::host_client::HostClient;
 use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
 
+use crate::embedded::Embedded;
 use crate::kserve::{Frontend, KServe};
 use crate::pipeline::Shape;
 use crate::upstream::{Pool, Upstreams};
@@ -28,15 +33,28 @@ use crate::upstream::{Pool, Upstreams};
 #[command(version, about = "KServe v2 front of a moge-serve deployment")]
 struct Args {
     /// Router address, `http://host:port`; comma-separated for replicas.
-    #[arg(long, env = "MOGE_ROUTER", value_delimiter = ',', required = true)]
+    /// Without it the gateway starts the router, every expert group and the
+    /// shared expert in its own process (the embedded default).
+    #[arg(long, env = "MOGE_ROUTER", value_delimiter = ',', requires_all = ["groups", "shared_expert"])]
     router: Vec<String>,
     /// Addresses of one expert group's replicas, comma-separated; repeat the
     /// flag once per group, in group order.
-    #[arg(long = "group", required = true)]
+    #[arg(long = "group", requires = "router")]
     groups: Vec<String>,
     /// Shared expert address; comma-separated for replicas.
-    #[arg(long, env = "MOGE_SHARED_EXPERT", value_delimiter = ',', required = true)]
+    #[arg(long, env = "MOGE_SHARED_EXPERT", value_delimiter = ',', requires = "router")]
     shared_expert: Vec<String>,
+    /// Embedded mode: checkpoint to serve. Default: the `small` checkpoint,
+    /// generated on first start into the cache folder (see --cache-dir).
+    #[arg(long, env = "MOGE_CHECKPOINT", conflicts_with = "router")]
+    checkpoint: Option<std::path::PathBuf>,
+    /// Embedded mode: cache folder for the generated checkpoint. Default:
+    /// $XDG_CACHE_HOME/moge-serve, else ~/.cache/moge-serve.
+    #[arg(long, env = "MOGE_CACHE_DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Embedded mode: routing mode of the embedded router.
+    #[arg(long, env = "MOGE_ROUTING", default_value = "moge")]
+    routing: moge_shared::RoutingMode,
     /// Model name clients use.
     #[arg(long, env = "MOGE_MODEL_NAME", default_value = "moge")]
     model_name: String,
@@ -66,16 +84,39 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
+    let embedded = if args.router.is_empty() {
+        let dir = match &args.checkpoint {
+            Some(dir) => dir.clone(),
+            None => {
+                let dir = embedded::default_checkpoint_dir(args.cache_dir.clone());
+                embedded::ensure_checkpoint(&dir)?;
+                dir
+            }
+        };
+        let stack = Embedded::start(&dir, args.routing, args.max_message_bytes, drain_timeout).await?;
+        args.router = vec![stack.router.clone()];
+        args.groups = stack.groups.clone();
+        args.shared_expert = vec![stack.shared_expert.clone()];
+        Some(stack)
+    } else {
+        None
+    };
+
     let split = |list: &String| list.split(',').map(str::to_owned).collect::<Vec<_>>();
-    let router = Pool::new("router".to_owned(), "moge.v1.Router", &args.router)?;
+    let router = Pool::new("router".to_owned(), moge_router::SERVICE_NAME, &args.router)?;
     let groups = args
         .groups
         .iter()
         .enumerate()
-        .map(|(group, list)| Pool::new(format!("group {group}"), "moge.v1.ExpertGroup", &split(list)))
+        .map(|(group, list)| Pool::new(format!("group {group}"), moge_expert::SERVICE_NAME, &split(list)))
         .collect::<Result<Vec<_>, _>>()?;
-    let shared_expert = Pool::new("shared expert".to_owned(), "moge.v1.ExpertGroup", &args.shared_expert)?;
+    let shared_expert = Pool::new(
+        "shared expert".to_owned(),
+        moge_expert::SERVICE_NAME,
+        &args.shared_expert,
+    )?;
     let upstreams = Arc::new(Upstreams {
         router,
         groups,
@@ -146,13 +187,17 @@ async fn main() -> anyhow::Result<()> {
         .max_encoding_message_size(args.max_message_bytes);
     let options = ServeOptions {
         address: SocketAddr::new(args.host, args.grpc_port),
-        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+        drain_timeout,
     };
-    serve_grpc(
+    let served = serve_grpc(
         options,
         tonic::service::Routes::new(service),
         "inference.GRPCInferenceService",
     )
-    .await?;
+    .await;
+    if let Some(stack) = embedded {
+        stack.stop().await;
+    }
+    served?;
     Ok(())
 }

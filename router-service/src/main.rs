@@ -1,8 +1,6 @@
 //! `moge-router`: serves the routing of batches of one or more layers over
 //! gRPC (`moge.v1.Router`), with health checking and server reflection.
 
-mod service;
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,11 +9,9 @@ use anyhow::Context;
 use clap::Parser;
 use moge_shared::RoutingMode;
 use moge_shared::checkpoint::Checkpoint;
-use moge_shared::proto::moge::v1::host_server::HostServer;
-use moge_shared::proto::moge::v1::router_server::RouterServer;
 use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
 
-use crate::service::RouterService;
+use moge_router::{RouterService, routes};
 
 #[derive(Parser)]
 #[command(version, about = "Route batches of hidden states to MoGE expert groups over gRPC")]
@@ -69,14 +65,11 @@ async fn main() -> anyhow::Result<()> {
         "router weights loaded"
     );
 
-    let router = RouterServer::new(service.clone())
-        .max_decoding_message_size(args.max_message_bytes)
-        .max_encoding_message_size(args.max_message_bytes);
-    let routes = tonic::service::Routes::new(router).add_service(HostServer::new(service));
+    let routes = routes(service, args.max_message_bytes);
     let options = ServeOptions {
         address: SocketAddr::new(args.host, args.grpc_port),
         drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
     };
-    serve_grpc(options, routes, "moge.v1.Router").await?;
+    serve_grpc(options, routes, moge_router::SERVICE_NAME).await?;
     Ok(())
 }

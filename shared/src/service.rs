@@ -68,26 +68,41 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Binds a TCP listener for a gRPC service.
+pub async fn bind(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| ServeError::Bind { address, source })
+}
+
 /// Serves `routes` plus `grpc.health.v1` and server reflection until
-/// SIGTERM or SIGINT, then marks `service_name` NOT_SERVING, stops accepting
-/// connections and waits up to the drain timeout for in-flight requests.
-///
-/// Logs "listening" with the bound `address` once the socket is open.
+/// SIGTERM or SIGINT; see [`serve_grpc_until`].
 pub async fn serve_grpc(
     options: ServeOptions,
     routes: tonic::service::Routes,
     service_name: &str,
 ) -> Result<(), ServeError> {
+    let listener = bind(options.address).await?;
+    serve_grpc_until(listener, options.drain_timeout, routes, service_name, shutdown_signal()).await
+}
+
+/// Serves `routes` plus `grpc.health.v1` and server reflection on
+/// `listener` until `shutdown` completes, then marks `service_name`
+/// NOT_SERVING, stops accepting connections and waits up to `drain_timeout`
+/// for in-flight requests.
+///
+/// Logs "listening" with the bound `address` once serving starts.
+pub async fn serve_grpc_until(
+    listener: tokio::net::TcpListener,
+    drain_timeout: std::time::Duration,
+    routes: tonic::service::Routes,
+    service_name: &str,
+    shutdown: impl std::future::Future<Output = &'static str>,
+) -> Result<(), ServeError> {
     use tonic_health::ServingStatus;
 
-    let listener = tokio::net::TcpListener::bind(options.address)
-        .await
-        .map_err(|source| ServeError::Bind {
-            address: options.address,
-            source,
-        })?;
     let address = listener.local_addr().map_err(|source| ServeError::Bind {
-        address: options.address,
+        address: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -108,21 +123,23 @@ pub async fn serve_grpc(
     );
     tracing::info!(%address, service = service_name, "listening");
 
-    let signal = shutdown_signal().await;
+    let signal = shutdown.await;
     tracing::info!(
         signal,
+        service = service_name,
         "shutting down: health is NOT_SERVING, draining in-flight requests"
     );
     health.set_service_status(service_name, ServingStatus::NotServing).await;
     let _ = stop.send(());
-    match tokio::time::timeout(options.drain_timeout, server).await {
+    match tokio::time::timeout(drain_timeout, server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(error)) => tracing::error!(%error, "server task panicked"),
         Err(_) => tracing::warn!(
-            drain_timeout_seconds = options.drain_timeout.as_secs_f64(),
+            drain_timeout_seconds = drain_timeout.as_secs_f64(),
+            service = service_name,
             "drain overran its timeout; exiting with requests in flight"
         ),
     }
-    tracing::info!("stopped");
+    tracing::info!(service = service_name, "stopped");
     Ok(())
 }

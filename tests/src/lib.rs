@@ -26,6 +26,12 @@ impl ServiceProcess {
     /// Starts `binary` with `args` and waits, at most `timeout`, for its
     /// "listening" log line, which carries `address=IP:PORT`.
     pub fn start(binary: &str, args: &[&str], timeout: std::time::Duration) -> ServiceProcess {
+        Self::start_serving(binary, args, timeout, "")
+    }
+
+    /// Like [`ServiceProcess::start`], but waits for the "listening" line
+    /// that also contains `service`, for a process that serves several.
+    pub fn start_serving(binary: &str, args: &[&str], timeout: std::time::Duration, service: &str) -> ServiceProcess {
         use std::io::BufRead;
 
         let path = self::binary(binary);
@@ -65,7 +71,7 @@ impl ServiceProcess {
                 }
             };
             log.push(line.clone());
-            if line.contains("listening") {
+            if line.contains("listening") && line.contains(service) {
                 let address = line
                     .split_whitespace()
                     .find_map(|field| field.strip_prefix("address="))
