@@ -1,0 +1,175 @@
+"""The gateway's KServe v2 gRPC API, called through NVIDIA's tritonclient SDK.
+
+The gateway runs in its embedded mode on a generated checkpoint: router,
+expert groups and shared expert in one process, joined by real gRPC on
+loopback. Outputs are compared with the float64 reference, with the
+tolerances of test_layer_reference.py.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+import moge_reference as ref
+from conftest import REPO_ROOT, GeneratedCheckpoint
+
+START_TIMEOUT_SECONDS = 60
+STOP_TIMEOUT_SECONDS = 20
+OUTPUT_TOLERANCE = {"FP32": 1e-5, "FP16": 2e-3, "BF16": 1e-2}
+NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
+REFERENCE_DTYPE = {"FP32": "F32", "FP16": "F16", "BF16": "BF16"}
+
+
+class Gateway:
+    """A `moge-gateway` process in embedded mode, stopped with SIGTERM."""
+
+    def __init__(self, checkpoint: Path):
+        binary = Path(os.environ.get("MOGE_GATEWAY", REPO_ROOT / "target" / "release" / "moge-gateway"))
+        if not binary.is_file():
+            pytest.fail(f"moge-gateway not found at {binary}; build it with `cargo build --release`", pytrace=False)
+        self.process = subprocess.Popen(
+            [str(binary), "--grpc-port", "0", "--checkpoint", str(checkpoint)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "RUST_LOG": "info"},
+        )
+        self.log: list[str] = []
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stderr], daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.process.kill()
+                pytest.fail("the gateway did not log its KServe listening address in time:\n" + "".join(self.log))
+            self.log.append(line)
+            if "listening" in line and "inference.GRPCInferenceService" in line:
+                self.url = next(field.split("=", 1)[1] for field in line.split() if field.startswith("address="))
+                return
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+
+@pytest.fixture(scope="module")
+def gateway(checkpoints: dict[str, GeneratedCheckpoint]):
+    server = Gateway(checkpoints["default"].directory)
+    client = grpcclient.InferenceServerClient(server.url)
+    deadline = time.monotonic() + 10
+    while not client.is_server_ready():
+        assert time.monotonic() < deadline, "the gateway did not turn ready within 10 s"
+        time.sleep(0.05)
+    yield server
+    assert server.stop() == 0, "the gateway did not exit cleanly on SIGTERM"
+
+
+def infer(client, values: np.ndarray, datatype: str, layer: int, outputs=("output", "expert_ids")):
+    tensor = grpcclient.InferInput("hidden_states", list(values.shape), datatype)
+    tensor.set_data_from_numpy(values.astype(NUMPY_DTYPE[datatype]))
+    requested = [grpcclient.InferRequestedOutput(name) for name in outputs]
+    return client.infer("moge", [tensor], outputs=requested, parameters={"layer": layer})
+
+
+def test_metadata_and_readiness(gateway: Gateway):
+    client = grpcclient.InferenceServerClient(gateway.url)
+
+    assert client.is_server_live()
+    assert client.is_model_ready("moge")
+    metadata = client.get_model_metadata("moge")
+    assert metadata.name == "moge"
+    assert [tensor.name for tensor in metadata.inputs] == ["hidden_states"]
+    assert list(metadata.inputs[0].shape) == [-1, 512]
+    assert [tensor.name for tensor in metadata.outputs] == ["output", "expert_ids", "expert_weights"]
+    assert client.get_server_metadata().name == "moge-serve"
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_infer_matches_float64_reference(
+    gateway: Gateway, checkpoints: dict[str, GeneratedCheckpoint], seed: int, datatype: str, tokens: int
+):
+    client = grpcclient.InferenceServerClient(gateway.url)
+    checkpoint = checkpoints["default"]
+    values = np.random.default_rng(seed).standard_normal((tokens, 512)).astype(np.float32)
+    sent = values.astype(NUMPY_DTYPE[datatype]).astype(np.float64)
+
+    result = infer(client, values, datatype, layer=1)
+
+    output = result.as_numpy("output").astype(np.float64)
+    ids = result.as_numpy("expert_ids")
+    config = checkpoint.reference.config
+    overrides = {}
+    expected = ref.forward(config, checkpoint.layer_weights(1), sent, "moge", False)
+    for token in np.flatnonzero(expected.near_tie):
+        overrides[int(token)] = ids[token]
+    if overrides:
+        expected = ref.forward(config, checkpoint.layer_weights(1), sent, "moge", False, overrides)
+    assert output.shape == (tokens, 512)
+    assert np.array_equal(ids, expected.expert_ids), f"seed {seed}: expert ids differ"
+    error = np.abs(output - expected.output).max() / np.abs(expected.output).max()
+    assert error <= OUTPUT_TOLERANCE[datatype], f"seed {seed}: normwise error {error:.2e} for {datatype}"
+
+
+def test_concurrent_clients_get_their_own_rows(gateway: Gateway, checkpoints: dict[str, GeneratedCheckpoint], seed: int):
+    checkpoint = checkpoints["default"]
+    config = checkpoint.reference.config
+    weights = checkpoint.layer_weights(0)
+    rng = np.random.default_rng(seed)
+    # Each client's rows carry its own offset, so a row returned to the wrong
+    # client fails the comparison with that client's reference.
+    batches = [
+        (rng.standard_normal((int(rng.integers(1, 40)), 512)) + client * 0.5).astype(np.float32) for client in range(12)
+    ]
+
+    def call(values: np.ndarray) -> np.ndarray:
+        client = grpcclient.InferenceServerClient(gateway.url)
+        return infer(client, values, "FP32", layer=0, outputs=("output",)).as_numpy("output")
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        outputs = list(pool.map(call, batches))
+
+    for index, (values, output) in enumerate(zip(batches, outputs)):
+        expected = ref.forward(config, weights, values.astype(np.float64), "moge", False)
+        error = np.abs(output - expected.output).max() / np.abs(expected.output).max()
+        assert error <= 1e-5, f"seed {seed}: client {index} got rows that are not its own (error {error:.2e})"
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [
+        ("model", "StatusCode.NOT_FOUND", "is not served"),
+        ("width", "StatusCode.INVALID_ARGUMENT", "expected [T, 512]"),
+        ("layer", "StatusCode.INVALID_ARGUMENT", "layer: 9 is not hosted"),
+        ("nan", "StatusCode.INVALID_ARGUMENT", "expected finite values"),
+    ],
+)
+def test_bad_request_status_and_message(gateway: Gateway, change: str, code: str, message: str):
+    client = grpcclient.InferenceServerClient(gateway.url)
+    width = 256 if change == "width" else 512
+    values = np.ones((2, width), np.float32)
+    if change == "nan":
+        values[1, 3] = np.nan
+    tensor = grpcclient.InferInput("hidden_states", [2, width], "FP32")
+    tensor.set_data_from_numpy(values)
+    model = "other" if change == "model" else "moge"
+    layer = 9 if change == "layer" else 0
+
+    with pytest.raises(InferenceServerException) as raised:
+        client.infer(model, [tensor], parameters={"layer": layer})
+
+    assert raised.value.status() == code
+    assert message in raised.value.message()
