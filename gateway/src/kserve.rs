@@ -14,7 +14,8 @@ use moge_shared::proto::inference::*;
 use moge_shared::proto::moge::v1::RoutingMode as WireMode;
 use tonic::{Request, Response, Status};
 
-use crate::pipeline::{self, LayerBatch, PipelineError, Shape};
+use crate::batcher::Batcher;
+use crate::pipeline::{self, PipelineError, Shape};
 use crate::upstream::{CallError, Upstreams};
 
 /// Name of the one input tensor.
@@ -34,10 +35,10 @@ pub struct Frontend {
     pub shape: Shape,
     /// Largest batch in tokens.
     pub max_batch_tokens: usize,
-    /// Largest message to upstreams, in bytes.
-    pub max_message_bytes: usize,
     /// The upstream services.
     pub upstreams: Arc<Upstreams>,
+    /// Joins concurrent requests into batches.
+    pub batcher: Arc<Batcher>,
 }
 
 #[derive(Clone)]
@@ -118,7 +119,8 @@ fn parameters(request: &ModelInferRequest) -> Result<Parameters, Status> {
     Ok(parsed)
 }
 
-fn status_of(error: PipelineError) -> Status {
+/// Maps a pipeline failure to the status a client gets.
+pub fn status_of(error: PipelineError) -> Status {
     match &error {
         PipelineError::Call(CallError::Unavailable { .. }) => Status::unavailable(error.to_string()),
         PipelineError::Call(CallError::Rejected { status, .. }) => Status::new(status.code(), error.to_string()),
@@ -288,18 +290,12 @@ impl GrpcInferenceService for KServe {
                 expert_weights: Vec::new(),
             }
         } else {
-            let batch = LayerBatch {
-                layer,
-                dtype,
-                tokens,
-                hidden: raw,
-                mode: params.mode as i32,
-            };
-            pipeline::execute(&frontend.upstreams, frontend.shape, frontend.max_message_bytes, batch)
+            frontend
+                .batcher
+                .submit(layer, params.mode as i32, dtype, tokens, raw)
                 .await
-                .map_err(|error| {
-                    tracing::warn!(layer, tokens, %error, "inference failed");
-                    status_of(error)
+                .inspect_err(|status| {
+                    tracing::debug!(layer, tokens, code = ?status.code(), message = status.message(), "inference failed");
                 })?
         };
 

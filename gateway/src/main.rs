@@ -5,9 +5,9 @@
 //! With no upstream addresses it starts the router, every group and the
 //! shared expert in its own process (the embedded default).
 //!
-//! NOTE: requests run one by one through the pipeline; the dynamic batcher
-//! and the HTTP/JSON front are not built yet.
+//! NOTE: the HTTP/JSON front of the protocol is not built yet.
 
+mod batcher;
 mod embedded;
 mod kserve;
 mod pipeline;
@@ -24,6 +24,7 @@ use moge_shared::proto::moge::v1::DescribeRequest;
 use moge_shared::proto::moge::v1::host_client::HostClient;
 use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
 
+use crate::batcher::{BatchLimits, Batcher};
 use crate::embedded::Embedded;
 use crate::kserve::{Frontend, KServe};
 use crate::pipeline::Shape;
@@ -58,9 +59,16 @@ struct Args {
     /// Model name clients use.
     #[arg(long, env = "MOGE_MODEL_NAME", default_value = "moge")]
     model_name: String,
-    /// Largest number of tokens in one request.
+    /// Largest number of tokens in one request, and in one batch of requests.
     #[arg(long, env = "MOGE_MAX_BATCH_TOKENS", default_value_t = 8192)]
     max_batch_tokens: usize,
+    /// Microseconds the first request of a batch waits for others to join;
+    /// 0 joins only requests already queued, as Triton's default does.
+    #[arg(long, env = "MOGE_MAX_QUEUE_DELAY_US", default_value_t = 0)]
+    max_queue_delay_us: u64,
+    /// Batches that run at once; while one is in the experts, the next gathers requests.
+    #[arg(long, env = "MOGE_MAX_INFLIGHT_BATCHES", default_value_t = 2)]
+    max_inflight_batches: usize,
     /// Address to listen on.
     #[arg(long, env = "MOGE_HOST", default_value = "127.0.0.1")]
     host: IpAddr,
@@ -174,12 +182,17 @@ async fn main() -> anyhow::Result<()> {
     }
     upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms));
 
+    let limits = BatchLimits {
+        max_batch_tokens: args.max_batch_tokens,
+        max_queue_delay: Duration::from_micros(args.max_queue_delay_us),
+        max_inflight: args.max_inflight_batches,
+    };
     let frontend = Frontend {
         model_name: args.model_name.clone(),
         layers: description.layers.clone(),
         shape,
         max_batch_tokens: args.max_batch_tokens,
-        max_message_bytes: args.max_message_bytes,
+        batcher: Batcher::new(Arc::clone(&upstreams), shape, args.max_message_bytes, limits),
         upstreams,
     };
     let service = GrpcInferenceServiceServer::new(KServe::new(frontend))

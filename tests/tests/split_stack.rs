@@ -68,6 +68,8 @@ fn start_stack(ckpt: &str) -> Stack {
         url(&shared),
         "--probe-interval-ms".to_owned(),
         "100".to_owned(),
+        "--max-queue-delay-us".to_owned(),
+        "2000".to_owned(),
     ];
     for replicas in &groups {
         args.push("--group".to_owned());
@@ -176,6 +178,34 @@ async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
                 .collect();
             assert_eq!(ids, expected.routing.expert_ids);
         }
+    }
+
+    // Concurrent requests are batched together; each must still get exactly
+    // its own rows, bitwise equal to running it alone in process.
+    let mut calls = tokio::task::JoinSet::new();
+    for request_index in 0..16usize {
+        let mut client = client.clone();
+        let tokens = 1 + request_index * 3;
+        let values = hidden_states(tokens, 100 + request_index);
+        calls.spawn(async move {
+            let reply = client
+                .model_infer(infer_request(&values, tokens, DType::F32, 1, &["output"]))
+                .await
+                .unwrap()
+                .into_inner();
+            (values, tokens, reply.raw_output_contents[0].clone())
+        });
+    }
+    while let Some(joined) = calls.join_next().await {
+        let (values, tokens, output) = joined.unwrap();
+        let expected = layer
+            .forward(Kernel::detect(), &values, tokens, RoutingOptions::default())
+            .unwrap();
+        assert_eq!(
+            output.as_ref(),
+            DType::F32.encode(&expected.hidden).as_slice(),
+            "T={tokens}"
+        );
     }
 
     // Killing one of group 0's two replicas: requests go on.
