@@ -178,7 +178,7 @@ impl Batcher {
             }
             Err(error) => {
                 tracing::warn!(layer = key.layer, tokens, requests, %error, "batch failed");
-                let status = crate::kserve::status_of(error);
+                let status = crate::frontend::status_of(error);
                 for pending in batch {
                     let _ = pending.reply.send(Err(Status::new(status.code(), status.message())));
                 }

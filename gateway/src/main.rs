@@ -5,10 +5,12 @@
 //! With no upstream addresses it starts the router, every group and the
 //! shared expert in its own process (the embedded default).
 //!
-//! NOTE: the HTTP/JSON front of the protocol is not built yet.
+//! The same protocol is served over HTTP/JSON on `--http-port`.
 
 mod batcher;
 mod embedded;
+mod frontend;
+mod http;
 mod kserve;
 mod pipeline;
 mod upstream;
@@ -26,7 +28,8 @@ use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
 
 use crate::batcher::{BatchLimits, Batcher};
 use crate::embedded::Embedded;
-use crate::kserve::{Frontend, KServe};
+use crate::frontend::Frontend;
+use crate::kserve::KServe;
 use crate::pipeline::Shape;
 use crate::upstream::{Pool, Upstreams};
 
@@ -75,7 +78,10 @@ struct Args {
     /// gRPC port; 0 picks a free port, which the "listening" log line reports.
     #[arg(long, env = "MOGE_GRPC_PORT", default_value_t = 8001)]
     grpc_port: u16,
-    /// Largest gRPC message accepted or sent, in bytes.
+    /// HTTP/JSON port of the KServe v2 protocol; 0 picks a free port.
+    #[arg(long, env = "MOGE_HTTP_PORT", default_value_t = 8000)]
+    http_port: u16,
+    /// Largest gRPC message or HTTP body accepted or sent, in bytes.
     #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
     max_message_bytes: usize,
     /// Seconds that in-flight requests get to finish after SIGTERM.
@@ -195,6 +201,22 @@ async fn main() -> anyhow::Result<()> {
         batcher: Batcher::new(Arc::clone(&upstreams), shape, args.max_message_bytes, limits),
         upstreams,
     };
+    let frontend = Arc::new(frontend);
+    let http_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.http_port)).await?;
+    let http_address = http_listener.local_addr()?;
+    let http_routes = http::router(Arc::clone(&frontend), args.max_message_bytes);
+    let http_server = tokio::spawn(async move {
+        tracing::info!(address = %http_address, service = "kserve-http", "listening");
+        let served = axum::serve(http_listener, http_routes)
+            .with_graceful_shutdown(async {
+                moge_shared::service::shutdown_signal().await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "HTTP server failed");
+        }
+        tracing::info!(service = "kserve-http", "stopped");
+    });
     let service = GrpcInferenceServiceServer::new(KServe::new(frontend))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
@@ -208,6 +230,9 @@ async fn main() -> anyhow::Result<()> {
         "inference.GRPCInferenceService",
     )
     .await;
+    if tokio::time::timeout(drain_timeout, http_server).await.is_err() {
+        tracing::warn!("HTTP drain overran its timeout");
+    }
     if let Some(stack) = embedded {
         stack.stop().await;
     }

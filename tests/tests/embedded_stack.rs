@@ -17,7 +17,14 @@ async fn embedded_gateway_generates_checkpoint_and_serves() {
     let cache = tempfile::tempdir().unwrap();
     let mut gateway = ServiceProcess::start_serving(
         "moge-gateway",
-        &["--grpc-port", "0", "--cache-dir", cache.path().to_str().unwrap()],
+        &[
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--cache-dir",
+            cache.path().to_str().unwrap(),
+        ],
         Duration::from_secs(60),
         "inference.GRPCInferenceService",
     );

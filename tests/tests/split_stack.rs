@@ -62,6 +62,8 @@ fn start_stack(ckpt: &str) -> Stack {
     let mut args = vec![
         "--grpc-port".to_owned(),
         "0".to_owned(),
+        "--http-port".to_owned(),
+        "0".to_owned(),
         "--router".to_owned(),
         url(&router),
         "--shared-expert".to_owned(),
@@ -76,7 +78,7 @@ fn start_stack(ckpt: &str) -> Stack {
         args.push(replicas.iter().map(url).collect::<Vec<_>>().join(","));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let gateway = ServiceProcess::start("moge-gateway", &args, START_TIMEOUT);
+    let gateway = ServiceProcess::start_serving("moge-gateway", &args, START_TIMEOUT, "inference.GRPCInferenceService");
     Stack {
         router,
         groups,

@@ -1,4 +1,4 @@
-"""The gateway's KServe v2 gRPC API, called through NVIDIA's tritonclient SDK.
+"""The gateway's KServe v2 API: gRPC through NVIDIA's tritonclient SDK, and HTTP/JSON as curl sends it.
 
 The gateway runs in its embedded mode on a generated checkpoint: router,
 expert groups and shared expert in one process, joined by real gRPC on
@@ -8,11 +8,14 @@ tolerances of test_layer_reference.py.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +43,7 @@ class Gateway:
         if not binary.is_file():
             pytest.fail(f"moge-gateway not found at {binary}; build it with `cargo build --release`", pytrace=False)
         self.process = subprocess.Popen(
-            [str(binary), "--grpc-port", "0", "--checkpoint", str(checkpoint)],
+            [str(binary), "--grpc-port", "0", "--http-port", "0", "--checkpoint", str(checkpoint)],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "RUST_LOG": "info"},
@@ -56,8 +59,13 @@ class Gateway:
                 self.process.kill()
                 pytest.fail("the gateway did not log its KServe listening address in time:\n" + "".join(self.log))
             self.log.append(line)
-            if "listening" in line and "inference.GRPCInferenceService" in line:
-                self.url = next(field.split("=", 1)[1] for field in line.split() if field.startswith("address="))
+            if "listening" in line:
+                address = next(field.split("=", 1)[1] for field in line.split() if field.startswith("address="))
+                if "inference.GRPCInferenceService" in line:
+                    self.url = address
+                elif "kserve-http" in line:
+                    self.http_url = f"http://{address}"
+            if hasattr(self, "url") and hasattr(self, "http_url"):
                 return
 
     def stop(self) -> int:
@@ -173,3 +181,72 @@ def test_bad_request_status_and_message(gateway: Gateway, change: str, code: str
 
     assert raised.value.status() == code
     assert message in raised.value.message()
+
+
+def http(gateway: Gateway, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """Send one HTTP request as curl would and return the status and the JSON body."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(gateway.http_url + path, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_http_health_and_metadata(gateway: Gateway):
+    assert http(gateway, "GET", "/v2/health/live") == (200, {"live": True})
+    assert http(gateway, "GET", "/v2/health/ready") == (200, {"ready": True})
+    assert http(gateway, "GET", "/v2/models/moge/ready") == (200, {"ready": True})
+    status, metadata = http(gateway, "GET", "/v2/models/moge")
+    assert status == 200
+    assert metadata["inputs"][0] == {"name": "hidden_states", "datatype": "FP32", "shape": [-1, 512]}
+    status, body = http(gateway, "GET", "/v2/models/other")
+    assert status == 404
+    assert "not served" in body["error"]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP16"])
+def test_http_infer_matches_float64_reference(
+    gateway: Gateway, checkpoints: dict[str, GeneratedCheckpoint], seed: int, datatype: str
+):
+    checkpoint = checkpoints["default"]
+    values = np.random.default_rng(seed).standard_normal((3, 512)).astype(NUMPY_DTYPE[datatype])
+    body = {
+        "id": "curl-1",
+        "parameters": {"layer": 0},
+        "inputs": [{"name": "hidden_states", "shape": [3, 512], "datatype": datatype, "data": values.tolist()}],
+        "outputs": [{"name": "output"}, {"name": "expert_weights"}],
+    }
+
+    status, reply = http(gateway, "POST", "/v2/models/moge/infer", body)
+
+    assert status == 200, reply
+    assert reply["id"] == "curl-1"
+    output = reply["outputs"][0]
+    assert (output["name"], output["datatype"], output["shape"]) == ("output", datatype, [3, 512])
+    expected = ref.forward(checkpoint.reference.config, checkpoint.layer_weights(0), values.astype(np.float64), "moge", False)
+    actual = np.array(output["data"], dtype=np.float64).reshape(3, 512)
+    error = np.abs(actual - expected.output).max() / np.abs(expected.output).max()
+    assert error <= OUTPUT_TOLERANCE[datatype], f"seed {seed}: normwise error {error:.2e}"
+    assert reply["outputs"][1]["shape"] == [3, 8]
+
+
+def test_http_rejects_bf16_json_with_pointer_to_grpc(gateway: Gateway):
+    body = {"inputs": [{"name": "hidden_states", "shape": [1, 512], "datatype": "BF16", "data": [0.0] * 512}]}
+
+    status, reply = http(gateway, "POST", "/v2/models/moge/infer", body)
+
+    assert status == 400
+    assert "BF16 has no JSON representation" in reply["error"]
+    assert "gRPC" in reply["error"]
+
+
+def test_http_rejects_wrong_width_by_field(gateway: Gateway):
+    body = {"inputs": [{"name": "hidden_states", "shape": [1, 4], "datatype": "FP32", "data": [0.0] * 4}]}
+
+    status, reply = http(gateway, "POST", "/v2/models/moge/infer", body)
+
+    assert status == 400
+    assert "expected [T, 512]" in reply["error"]

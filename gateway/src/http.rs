@@ -1,0 +1,246 @@
+//! The KServe v2 HTTP/JSON front: health, metadata and inference for curl
+//! and REST clients. JSON carries FP32 and FP16 numbers; BF16 has no JSON
+//! form in the protocol, so BF16 requests must use gRPC raw contents.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use half::f16;
+use moge_shared::DType;
+use serde_json::{Value, json};
+use tonic::{Code, Status};
+
+use crate::frontend::{Element, Frontend, InferRequest, InputData, InputTensor, OutputTensor, Parameter, TensorInfo};
+
+/// Builds the HTTP routes over a shared [`Frontend`].
+pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .with_state(frontend)
+}
+
+/// An error response: the status mapped from the gRPC code, and
+/// `{"error": message}` as the protocol specifies.
+struct HttpError(Status);
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let status = match self.0.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => StatusCode::BAD_REQUEST,
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, Json(json!({ "error": self.0.message() }))).into_response()
+    }
+}
+
+impl From<Status> for HttpError {
+    fn from(status: Status) -> Self {
+        HttpError(status)
+    }
+}
+
+fn invalid(message: impl Into<String>) -> HttpError {
+    HttpError(Status::invalid_argument(message.into()))
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({ "name": "moge-serve", "version": env!("CARGO_PKG_VERSION"), "extensions": [] }))
+}
+
+async fn live() -> Json<Value> {
+    Json(json!({ "live": true }))
+}
+
+/// Readiness: 200 when ready; the protocol uses a 4xx status for not ready.
+fn readiness(ready: bool) -> Response {
+    let status = if ready { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+    (status, Json(json!({ "ready": ready }))).into_response()
+}
+
+async fn ready(State(frontend): State<Arc<Frontend>>) -> Response {
+    readiness(frontend.is_ready())
+}
+
+async fn model_ready(State(frontend): State<Arc<Frontend>>, Path(model): Path<String>) -> Result<Response, HttpError> {
+    frontend.check_model(&model, "")?;
+    Ok(readiness(frontend.is_ready()))
+}
+
+fn tensor_json(info: TensorInfo) -> Value {
+    json!({ "name": info.name, "datatype": info.datatype, "shape": info.shape })
+}
+
+fn metadata(frontend: &Frontend, model: &str, version: &str) -> Result<Json<Value>, HttpError> {
+    frontend.check_model(model, version)?;
+    let (inputs, outputs) = frontend.metadata();
+    Ok(Json(json!({
+        "name": frontend.model_name,
+        "versions": ["1"],
+        "platform": "moge",
+        "inputs": inputs.into_iter().map(tensor_json).collect::<Vec<_>>(),
+        "outputs": outputs.into_iter().map(tensor_json).collect::<Vec<_>>(),
+    })))
+}
+
+async fn model_metadata(
+    State(frontend): State<Arc<Frontend>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, HttpError> {
+    metadata(&frontend, &model, "")
+}
+
+async fn model_metadata_version(
+    State(frontend): State<Arc<Frontend>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<Value>, HttpError> {
+    metadata(&frontend, &model, &version)
+}
+
+async fn infer(
+    State(frontend): State<Arc<Frontend>>,
+    Path(model): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, HttpError> {
+    run_infer(&frontend, model, String::new(), &body).await
+}
+
+async fn infer_version(
+    State(frontend): State<Arc<Frontend>>,
+    Path((model, version)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, HttpError> {
+    run_infer(&frontend, model, version, &body).await
+}
+
+/// Appends the numbers of a nested JSON array to `out`, row-major.
+fn flatten(value: &Value, out: &mut Vec<f64>) -> Result<(), HttpError> {
+    match value {
+        Value::Array(items) => items.iter().try_for_each(|item| flatten(item, out)),
+        Value::Number(number) => {
+            out.push(number.as_f64().unwrap_or(f64::NAN));
+            Ok(())
+        }
+        other => Err(invalid(format!("input data: {other} is not a number"))),
+    }
+}
+
+fn parse_input(value: &Value) -> Result<InputTensor, HttpError> {
+    let name = value["name"]
+        .as_str()
+        .ok_or_else(|| invalid("inputs[].name: missing, expected a string"))?;
+    let datatype = value["datatype"]
+        .as_str()
+        .ok_or_else(|| invalid("inputs[].datatype: missing, expected a string"))?;
+    let shape = value["shape"]
+        .as_array()
+        .and_then(|dims| dims.iter().map(Value::as_i64).collect::<Option<Vec<i64>>>())
+        .ok_or_else(|| invalid("inputs[].shape: missing, expected an array of integers"))?;
+    let mut numbers = Vec::new();
+    flatten(&value["data"], &mut numbers)?;
+    let data = match datatype {
+        "FP32" => InputData::Fp32(numbers.iter().map(|&v| v as f32).collect()),
+        "FP16" => {
+            let values: Vec<f32> = numbers.iter().map(|&v| f16::from_f64(v).to_f32()).collect();
+            InputData::Raw(DType::F16.encode(&values).into())
+        }
+        "BF16" => {
+            return Err(invalid(
+                "input hidden_states: BF16 has no JSON representation in the KServe v2 HTTP protocol; \
+                 send BF16 over gRPC in raw_input_contents, or send FP32 or FP16 here",
+            ));
+        }
+        // Let the frontend report the unsupported datatype by name.
+        _ => InputData::Fp32(Vec::new()),
+    };
+    Ok(InputTensor {
+        name: name.to_owned(),
+        datatype: datatype.to_owned(),
+        shape,
+        data,
+    })
+}
+
+fn output_json(output: OutputTensor) -> Value {
+    let data: Vec<Value> = match output.element {
+        Element::Float(dtype) => dtype
+            .decode(&output.data)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| json!(v))
+            .collect(),
+        Element::Int32 => output
+            .data
+            .chunks_exact(4)
+            .map(|chunk| json!(i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])))
+            .collect(),
+    };
+    json!({ "name": output.name, "datatype": output.datatype, "shape": output.shape, "data": data })
+}
+
+async fn run_infer(frontend: &Frontend, model: String, version: String, body: &[u8]) -> Result<Json<Value>, HttpError> {
+    let request: Value =
+        serde_json::from_slice(body).map_err(|error| invalid(format!("request body is not valid JSON: {error}")))?;
+    let inputs = request["inputs"]
+        .as_array()
+        .ok_or_else(|| invalid("inputs: missing, expected an array"))?
+        .iter()
+        .map(parse_input)
+        .collect::<Result<Vec<_>, _>>()?;
+    let parameters = request["parameters"]
+        .as_object()
+        .map(|map| {
+            map.iter()
+                .map(|(key, value)| {
+                    let parameter = match value {
+                        Value::Number(number) if number.is_i64() => Parameter::Int(number.as_i64().unwrap_or(0)),
+                        Value::String(text) => Parameter::Str(text.clone()),
+                        _ => Parameter::Other,
+                    };
+                    (key.clone(), parameter)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let outputs = request["outputs"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|item| item["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let neutral = InferRequest {
+        model_name: model,
+        model_version: version,
+        parameters,
+        inputs,
+        outputs,
+    };
+    let outputs = frontend.infer(neutral).await?;
+    let mut response = json!({
+        "model_name": frontend.model_name,
+        "model_version": "1",
+        "outputs": outputs.into_iter().map(output_json).collect::<Vec<_>>(),
+    });
+    if let Some(id) = request.get("id") {
+        response["id"] = id.clone();
+    }
+    Ok(Json(response))
+}
