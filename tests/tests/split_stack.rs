@@ -222,6 +222,7 @@ async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
     }
 
     // Killing group 3's only replica: UNAVAILABLE, and the gateway turns not ready.
+    let group_3_port = stack.groups[3][0].address.port().to_string();
     drop(stack.groups[3].remove(0));
     let error = client
         .model_infer(infer_request(&hidden_states(4, 9), 4, DType::F32, 0, &[]))
@@ -230,6 +231,18 @@ async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
     assert!(error.message().contains("group 3"), "{}", error.message());
     wait_ready(&mut client, false).await;
+
+    // A replica back on the same address: ready again, and requests succeed.
+    let ckpt = dir.path().to_str().unwrap();
+    stack.groups[3].push(ServiceProcess::start(
+        "moge-expert",
+        &["--checkpoint", ckpt, "--group", "3", "--grpc-port", &group_3_port],
+        START_TIMEOUT,
+    ));
+    wait_ready(&mut client, true).await;
+    let values = hidden_states(4, 9);
+    let reply = client.model_infer(infer_request(&values, 4, DType::F32, 0, &[])).await;
+    assert!(reply.is_ok(), "request after group 3 came back: {reply:?}");
 
     let status = stack.gateway.terminate(Duration::from_secs(10));
     assert!(status.success(), "gateway exit status {status}");
