@@ -250,3 +250,66 @@ def test_http_rejects_wrong_width_by_field(gateway: Gateway):
 
     assert status == 400
     assert "expected [T, 512]" in reply["error"]
+
+
+TRACE = REPO_ROOT / "data" / "azure-llm-inference-2023" / "conv.csv"
+TRACE_REQUESTS = 200
+# The first 200 requests span about 37 s and up to ~4,000 prompt tokens. To
+# fit 2 cores, the replay compresses time 20x and divides token counts by 16,
+# with at most 3 decode calls per request.
+TIME_SCALE = 1 / 20
+TOKEN_DIVISOR = 16
+MAX_DECODE_CALLS = 3
+SAMPLE_EVERY = 25
+
+
+def test_azure_trace_replay(gateway: Gateway, checkpoints: dict[str, GeneratedCheckpoint], seed: int):
+    rows = TRACE.read_text().splitlines()[1 : TRACE_REQUESTS + 1]
+    trace = []
+    for row in rows:
+        timestamp, context, generated = row.split(",")
+        clock = timestamp.split(" ")[1]
+        hours, minutes, seconds = clock.split(":")
+        arrival = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        trace.append((arrival, max(1, int(context) // TOKEN_DIVISOR), min(MAX_DECODE_CALLS, int(generated))))
+    start = trace[0][0]
+    print(
+        f"replaying {len(trace)} requests: time x{TIME_SCALE}, prompt tokens / {TOKEN_DIVISOR}, "
+        f"at most {MAX_DECODE_CALLS} decode calls each"
+    )
+    checkpoint = checkpoints["default"]
+    rng = np.random.default_rng(seed)
+    inputs = [rng.standard_normal((tokens, 512)).astype(np.float32) for _, tokens, _ in trace]
+    began = time.monotonic()
+
+    def replay(index: int) -> tuple[int, tuple[np.ndarray, np.ndarray], int]:
+        arrival, tokens, decodes = trace[index]
+        delay = (arrival - start) * TIME_SCALE - (time.monotonic() - began)
+        if delay > 0:
+            time.sleep(delay)
+        client = grpcclient.InferenceServerClient(gateway.url)
+        reply = infer(client, inputs[index], "BF16", layer=index % 2, outputs=("output", "expert_ids"))
+        prefill = (reply.as_numpy("output"), reply.as_numpy("expert_ids"))
+        answered = 1
+        for step in range(decodes):
+            token = inputs[index][step % tokens : step % tokens + 1]
+            decoded = infer(client, token, "BF16", layer=index % 2, outputs=("output",)).as_numpy("output")
+            assert decoded.shape == (1, 512)
+            answered += 1
+        return index, prefill, answered
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(replay, range(len(trace))))
+
+    expected_calls = sum(1 + decodes for _, _, decodes in trace)
+    assert sum(answered for _, _, answered in results) == expected_calls
+    config = checkpoint.reference.config
+    for index, (output, ids), _ in results[::SAMPLE_EVERY]:
+        sent = inputs[index].astype(ml_dtypes.bfloat16).astype(np.float64)
+        weights = checkpoint.layer_weights(index % 2)
+        expected = ref.forward(config, weights, sent, "moge", False)
+        near_ties = {int(token): ids[token] for token in np.flatnonzero(expected.near_tie)}
+        if near_ties:
+            expected = ref.forward(config, weights, sent, "moge", False, near_ties)
+        error = np.abs(output.astype(np.float64) - expected.output).max() / np.abs(expected.output).max()
+        assert error <= OUTPUT_TOLERANCE["BF16"], f"seed {seed}: request {index} normwise error {error:.2e}"
