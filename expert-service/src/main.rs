@@ -16,6 +16,10 @@ use moge_expert::{ExpertService, Hosted, routes};
 #[derive(Parser)]
 #[command(version, about = "Host one MoGE expert group, or the shared expert, over gRPC")]
 struct Args {
+    /// TOML file of settings: each key is a flag's name (`grpc_port = 9001`).
+    /// Flags and MOGE_ environment variables override it.
+    #[arg(long, env = "MOGE_CONFIG")]
+    config: Option<PathBuf>,
     /// Checkpoint directory (Hugging Face layout); only this process's experts are read.
     #[arg(long, env = "MOGE_CHECKPOINT")]
     checkpoint: PathBuf,
@@ -59,7 +63,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    let args = Args::parse();
+    let args = moge_shared::settings::parse::<Args>();
     let checkpoint = Checkpoint::open(&args.checkpoint)
         .with_context(|| format!("failed to open checkpoint {}", args.checkpoint.display()))?;
     let layers = if args.layers.is_empty() {

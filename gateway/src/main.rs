@@ -25,6 +25,7 @@ use moge_shared::proto::inference::grpc_inference_service_server::GrpcInferenceS
 use moge_shared::proto::moge::v1::DescribeRequest;
 use moge_shared::proto::moge::v1::host_client::HostClient;
 use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
+use std::path::PathBuf;
 
 use crate::batcher::{BatchLimits, Batcher};
 use crate::embedded::Embedded;
@@ -36,6 +37,10 @@ use crate::upstream::{Pool, Upstreams};
 #[derive(Parser)]
 #[command(version, about = "KServe v2 front of a moge-serve deployment")]
 struct Args {
+    /// TOML file of settings: each key is a flag's name (`grpc_port = 9001`).
+    /// Flags and MOGE_ environment variables override it.
+    #[arg(long, env = "MOGE_CONFIG")]
+    config: Option<PathBuf>,
     /// Router address, `http://host:port`; comma-separated for replicas.
     /// Without it the gateway starts the router, every expert group and the
     /// shared expert in its own process (the embedded default).
@@ -98,7 +103,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    let mut args = Args::parse();
+    let mut args = moge_shared::settings::parse::<Args>();
     let drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
     let embedded = if args.router.is_empty() {
         let dir = match &args.checkpoint {

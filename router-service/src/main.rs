@@ -16,6 +16,10 @@ use moge_router::{RouterService, routes};
 #[derive(Parser)]
 #[command(version, about = "Route batches of hidden states to MoGE expert groups over gRPC")]
 struct Args {
+    /// TOML file of settings: each key is a flag's name (`grpc_port = 9001`).
+    /// Flags and MOGE_ environment variables override it.
+    #[arg(long, env = "MOGE_CONFIG")]
+    config: Option<PathBuf>,
     /// Checkpoint directory (Hugging Face layout); only router tensors are read.
     #[arg(long, env = "MOGE_CHECKPOINT")]
     checkpoint: PathBuf,
@@ -45,7 +49,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_tracing();
-    let args = Args::parse();
+    let args = moge_shared::settings::parse::<Args>();
     let checkpoint = Checkpoint::open(&args.checkpoint)
         .with_context(|| format!("failed to open checkpoint {}", args.checkpoint.display()))?;
     let layers = if args.layers.is_empty() {

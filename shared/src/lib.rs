@@ -23,6 +23,7 @@ pub mod memory;
 pub mod proto;
 pub mod routing;
 pub mod service;
+pub mod settings;
 pub mod weights;
 pub mod wire;
 

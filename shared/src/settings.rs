@@ -1,0 +1,272 @@
+//! Layered service configuration: built-in defaults, then a TOML file, then
+//! `MOGE_` environment variables, then command-line flags, each overriding
+//! the one before.
+//!
+//! Every binary declares its settings once, as clap arguments with `long`
+//! and `env`. A TOML key is the flag's name with `_` or `-`, so `grpc_port`
+//! or `grpc-port` sets `--grpc-port`. The file fills only settings that
+//! neither a flag nor the environment set. Every value goes through the
+//! same clap parser, so a bad value in any layer is reported with the flag's
+//! name and the accepted values.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::Path;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches};
+
+/// Argument id of the flag that names the TOML file (`--config`).
+pub const CONFIG_ARG: &str = "config";
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file is missing or not valid TOML.
+    #[error("failed to read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Underlying error.
+        source: config::ConfigError,
+    },
+    /// The file has keys that no flag matches.
+    #[error("configuration file {path}: unknown keys {keys:?}, expected any of {known:?}")]
+    UnknownKeys {
+        /// The file.
+        path: String,
+        /// Every unknown key.
+        keys: Vec<String>,
+        /// The keys the binary accepts.
+        known: Vec<String>,
+    },
+    /// A key has a value of a type no flag takes, such as a table.
+    #[error(
+        "configuration file {path}: key `{key}` has an unsupported value, expected a string, number, boolean or array"
+    )]
+    Value {
+        /// The file.
+        path: String,
+        /// The key.
+        key: String,
+    },
+}
+
+/// Parses the process's arguments into `T`, filling from the TOML file named
+/// by `--config` the settings that flags and environment left at defaults.
+/// Exits with clap's message on a bad flag or value, and with a message
+/// naming every bad key on a bad file.
+pub fn parse<T: CommandFactory + FromArgMatches>() -> T {
+    match parse_from::<T>(std::env::args_os().collect()) {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(error)) => error.exit(),
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// [`parse`] on explicit arguments; the outer error is the file's, the inner
+/// one clap's.
+pub fn parse_from<T: CommandFactory + FromArgMatches>(
+    args: Vec<OsString>,
+) -> Result<Result<T, clap::Error>, SettingsError> {
+    let command = T::command();
+    // A first pass only finds the file and what the command line and the
+    // environment set; required flags may still come from the file.
+    let Ok(matches) = command.clone().ignore_errors(true).try_get_matches_from(&args) else {
+        return Ok(command
+            .try_get_matches_from(args)
+            .and_then(|matches| T::from_arg_matches(&matches)));
+    };
+    let Some(path) = matches
+        .try_get_one::<std::path::PathBuf>(CONFIG_ARG)
+        .ok()
+        .flatten()
+        .cloned()
+    else {
+        return Ok(command
+            .try_get_matches_from(args)
+            .and_then(|matches| T::from_arg_matches(&matches)));
+    };
+    let path = path.as_path();
+    let file = read(path)?;
+
+    let mut unknown = Vec::new();
+    let mut extra: Vec<OsString> = Vec::new();
+    for (key, value) in &file {
+        let flag = key.replace('_', "-");
+        let Some(arg) = command
+            .get_arguments()
+            .find(|arg| arg.get_long() == Some(flag.as_str()))
+        else {
+            unknown.push(key.clone());
+            continue;
+        };
+        if !matches!(
+            matches.value_source(arg.get_id().as_str()),
+            None | Some(ValueSource::DefaultValue)
+        ) {
+            continue;
+        }
+        let long = format!("--{}", arg.get_long().unwrap_or_default());
+        let bad_value = || SettingsError::Value {
+            path: path.display().to_string(),
+            key: key.clone(),
+        };
+        // A repeatable flag without a delimiter takes one array item per use.
+        let items = match &value.kind {
+            config::ValueKind::Array(items) if arg.get_value_delimiter().is_none() => items.clone(),
+            _ => vec![value.clone()],
+        };
+        for item in &items {
+            let text = flag_value(item).ok_or_else(bad_value)?;
+            if matches!(arg.get_action(), ArgAction::SetTrue) {
+                if text == "true" {
+                    extra.push(long.clone().into());
+                }
+            } else {
+                extra.push(format!("{long}={text}").into());
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        let known = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long().map(|long| long.replace('-', "_")))
+            .filter(|key| key != CONFIG_ARG && key != "help" && key != "version")
+            .collect();
+        return Err(SettingsError::UnknownKeys {
+            path: path.display().to_string(),
+            keys: unknown,
+            known,
+        });
+    }
+    let mut all = args;
+    all.extend(extra);
+    Ok(command
+        .try_get_matches_from(all)
+        .and_then(|matches| T::from_arg_matches(&matches)))
+}
+
+fn read(path: &Path) -> Result<BTreeMap<String, config::Value>, SettingsError> {
+    let error = |source| SettingsError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .build()
+        .map_err(error)?
+        .try_deserialize::<BTreeMap<String, config::Value>>()
+        .map_err(error)
+}
+
+/// Renders a TOML value as the flag's text; arrays join with commas.
+fn flag_value(value: &config::Value) -> Option<String> {
+    use config::ValueKind;
+    match &value.kind {
+        ValueKind::String(text) => Some(text.clone()),
+        ValueKind::Boolean(flag) => Some(flag.to_string()),
+        ValueKind::I64(number) => Some(number.to_string()),
+        ValueKind::I128(number) => Some(number.to_string()),
+        ValueKind::U64(number) => Some(number.to_string()),
+        ValueKind::U128(number) => Some(number.to_string()),
+        ValueKind::Float(number) => Some(number.to_string()),
+        ValueKind::Array(items) => items
+            .iter()
+            .map(flag_value)
+            .collect::<Option<Vec<_>>>()
+            .map(|items| items.join(",")),
+        ValueKind::Nil | ValueKind::Table(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Args {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 8001)]
+        grpc_port: u16,
+        #[arg(long, value_delimiter = ',')]
+        layers: Vec<usize>,
+        #[arg(long, default_value = "moge")]
+        routing: String,
+        #[arg(long)]
+        shared_expert: bool,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    }
+
+    fn parse_with(file: &str, flags: &[&str]) -> Result<Result<Args, clap::Error>, SettingsError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("moge.toml");
+        std::fs::write(&path, file).unwrap();
+        let mut args: Vec<OsString> = vec!["test".into(), "--config".into(), path.into()];
+        args.extend(flags.iter().map(OsString::from));
+        parse_from::<Args>(args)
+    }
+
+    #[test]
+    fn file_fills_defaults() {
+        let args = parse_with("grpc_port = 9001\nlayers = [0, 3]\nshared-expert = true\n", &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(args.grpc_port, 9001);
+        assert_eq!(args.layers, [0, 3]);
+        assert!(args.shared_expert);
+        assert_eq!(args.routing, "moge");
+    }
+
+    #[test]
+    fn repeatable_flag_takes_each_item() {
+        let args = parse_with("group = [\"a,b\", \"c\"]\n", &[]).unwrap().unwrap();
+        assert_eq!(args.groups, ["a,b", "c"]);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let args = parse_with("grpc_port = 9001\nrouting = \"top-k\"\n", &["--grpc-port", "7000"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(args.grpc_port, 7000);
+        assert_eq!(args.routing, "top-k");
+    }
+
+    #[test]
+    fn unknown_keys_are_all_named() {
+        let error = parse_with("grpc_prot = 1\nrouter_mode = 2\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("unknown keys [\"grpc_prot\", \"router_mode\"]"),
+            "{error}"
+        );
+        assert!(error.contains("grpc_port"), "{error}");
+    }
+
+    #[test]
+    fn bad_value_names_the_flag() {
+        let error = parse_with("grpc_port = \"high\"\n", &[])
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--grpc-port"), "{error}");
+    }
+
+    #[test]
+    fn missing_file_is_reported() {
+        let args = vec!["test".into(), "--config".into(), "/nonexistent/moge.toml".into()];
+        let error = parse_from::<Args>(args).unwrap_err().to_string();
+        assert!(error.contains("/nonexistent/moge.toml"), "{error}");
+    }
+}
