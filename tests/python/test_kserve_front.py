@@ -1,9 +1,8 @@
 """The gateway's KServe v2 API: gRPC through NVIDIA's tritonclient SDK, and HTTP/JSON as curl sends it.
 
-The gateway runs in its embedded mode on a generated checkpoint: router,
-expert groups and shared expert in one process, joined by real gRPC on
-loopback. Outputs are compared with the float64 reference, with the
-tolerances of test_layer_reference.py.
+The deployment runs as separate processes on a generated checkpoint, joined
+by real gRPC on loopback. Outputs are compared with the float64 reference,
+with the tolerances of test_layer_reference.py.
 """
 
 from __future__ import annotations
@@ -35,42 +34,77 @@ NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat1
 REFERENCE_DTYPE = {"FP32": "F32", "FP16": "F16", "BF16": "BF16"}
 
 
-class Gateway:
-    """A `moge-gateway` process in embedded mode, stopped with SIGTERM."""
+class Service:
+    """One moge-serve binary started on free loopback ports, stopped with SIGTERM."""
 
-    def __init__(self, checkpoint: Path):
-        binary = Path(os.environ.get("MOGE_GATEWAY", REPO_ROOT / "target" / "release" / "moge-gateway"))
+    def __init__(self, name: str, args: list[str], services: tuple[str, ...]):
+        binary = Path(os.environ.get(f"MOGE_{name.upper().replace('-', '_')}", REPO_ROOT / "target" / "release" / name))
         if not binary.is_file():
-            pytest.fail(f"moge-gateway not found at {binary}; build it with `cargo build --release`", pytrace=False)
+            pytest.fail(f"{name} not found at {binary}; build it with `cargo build --release`", pytrace=False)
         self.process = subprocess.Popen(
-            [str(binary), "--grpc-port", "0", "--http-port", "0", "--checkpoint", str(checkpoint)],
+            [str(binary), *args],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "RUST_LOG": "info"},
         )
         self.log: list[str] = []
+        self.addresses: dict[str, str] = {}
         lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in self.process.stderr], daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while True:
+        while not all(service in self.addresses for service in services):
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 self.process.kill()
-                pytest.fail("the gateway did not log its KServe listening address in time:\n" + "".join(self.log))
+                pytest.fail(f"{name} did not log where it listens in time:\n" + "".join(self.log))
             self.log.append(line)
             if "listening" in line:
                 address = next(field.split("=", 1)[1] for field in line.split() if field.startswith("address="))
-                if "inference.GRPCInferenceService" in line:
-                    self.url = address
-                elif "kserve-http" in line:
-                    self.http_url = f"http://{address}"
-            if hasattr(self, "url") and hasattr(self, "http_url"):
-                return
+                service = next(field.split("=", 1)[1].strip('"') for field in line.split() if field.startswith("service="))
+                self.addresses[service] = address
 
     def stop(self) -> int:
         self.process.terminate()
         return self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
+
+
+class Gateway:
+    """The deployment as separate processes: router, eight expert groups
+    (group 0 with two replicas), the shared expert and the gateway."""
+
+    def __init__(self, checkpoint: Path):
+        common = ["--checkpoint", str(checkpoint), "--grpc-port", "0"]
+        self.parts = [Service("moge-router", common, ("moge.v1.Router",))]
+        router = self.parts[0].addresses["moge.v1.Router"]
+        groups = []
+        for group in range(8):
+            replicas = []
+            for _ in range(2 if group == 0 else 1):
+                expert = Service("moge-expert", [*common, "--group", str(group), "--compute-threads", "1"], ("moge.v1.ExpertGroup",))
+                self.parts.append(expert)
+                replicas.append("http://" + expert.addresses["moge.v1.ExpertGroup"])
+            groups += ["--group", ",".join(replicas)]
+        shared = Service("moge-expert", [*common, "--shared-expert"], ("moge.v1.ExpertGroup",))
+        self.parts.append(shared)
+        self.gateway = Service(
+            "moge-gateway",
+            [
+                "--grpc-port", "0", "--http-port", "0",
+                "--router", f"http://{router}",
+                "--shared-expert", "http://" + shared.addresses["moge.v1.ExpertGroup"],
+                *groups,
+            ],
+            ("inference.GRPCInferenceService", "kserve-http"),
+        )
+        self.url = self.gateway.addresses["inference.GRPCInferenceService"]
+        self.http_url = "http://" + self.gateway.addresses["kserve-http"]
+
+    def stop(self) -> int:
+        status = self.gateway.stop()
+        for part in self.parts:
+            part.stop()
+        return status
 
 
 @pytest.fixture(scope="module")
