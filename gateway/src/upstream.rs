@@ -17,6 +17,8 @@ pub struct Replica {
     /// Lazily connected channel.
     pub channel: Channel,
     ready: AtomicBool,
+    /// Calls in flight on this replica, the load that selection compares.
+    inflight: AtomicUsize,
 }
 
 /// The replicas of one upstream service, tried in turn.
@@ -55,6 +57,7 @@ impl Pool {
                     url: url.clone(),
                     channel: endpoint.connect_lazy(),
                     ready: AtomicBool::new(false),
+                    inflight: AtomicUsize::new(0),
                 })
             })
             .collect::<Result<Vec<_>, AddressError>>()?;
@@ -66,13 +69,23 @@ impl Pool {
         })
     }
 
-    /// Replicas in the order to try them for one call: ready ones first,
-    /// starting from a rotating index so that calls spread over replicas.
+    /// Replicas in the order to try them for one call. The first is chosen
+    /// by power of two choices among the ready replicas: of two picked in
+    /// rotation, the one with fewer calls in flight. The other ready ones
+    /// follow, then the ones not ready, as fallbacks.
     pub fn order(&self) -> Vec<&Replica> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.replicas.len();
         let rotated = (0..count).map(|offset| &self.replicas[(start + offset) % count]);
-        let (ready, not_ready): (Vec<&Replica>, Vec<&Replica>) = rotated.partition(|replica| replica.is_ready());
+        let (mut ready, not_ready): (Vec<&Replica>, Vec<&Replica>) = rotated.partition(|replica| replica.is_ready());
+        if ready.len() >= 2 {
+            // The second candidate sits half the ring away, so that two
+            // consecutive calls do not compare the same pair.
+            let other = ready.len() / 2;
+            if ready[other].inflight.load(Ordering::Relaxed) < ready[0].inflight.load(Ordering::Relaxed) {
+                ready.swap(0, other);
+            }
+        }
         ready.into_iter().chain(not_ready).collect()
     }
 
@@ -197,7 +210,10 @@ impl Pool {
     {
         let mut last = "no replica configured".to_owned();
         for replica in self.order() {
-            match call(replica.channel.clone()).await {
+            replica.inflight.fetch_add(1, Ordering::Relaxed);
+            let result = call(replica.channel.clone()).await;
+            replica.inflight.fetch_sub(1, Ordering::Relaxed);
+            match result {
                 Ok(value) => return Ok(value),
                 Err(status) if is_retryable(status.code()) => {
                     self.mark_failed(replica, &status);
@@ -215,5 +231,50 @@ impl Pool {
             upstream: self.name.clone(),
             last,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(replicas: usize) -> Pool {
+        let urls: Vec<String> = (0..replicas)
+            .map(|i| format!("http://127.0.0.1:{}", 1000 + i))
+            .collect();
+        Pool::new("group 0".to_owned(), "moge.v1.ExpertGroup", &urls).unwrap()
+    }
+
+    #[tokio::test]
+    async fn order_prefers_less_loaded_ready_replica() {
+        let pool = pool(2);
+        for replica in &pool.replicas {
+            replica.ready.store(true, Ordering::Relaxed);
+        }
+        pool.replicas[0].inflight.store(5, Ordering::Relaxed);
+        for _ in 0..4 {
+            assert_eq!(pool.order()[0].url, pool.replicas[1].url);
+        }
+    }
+
+    #[tokio::test]
+    async fn order_puts_unready_replicas_last() {
+        let pool = pool(3);
+        pool.replicas[2].ready.store(true, Ordering::Relaxed);
+        for _ in 0..3 {
+            let order = pool.order();
+            assert_eq!(order.len(), 3);
+            assert_eq!(order[0].url, pool.replicas[2].url);
+        }
+    }
+
+    #[tokio::test]
+    async fn equal_load_spreads_over_replicas() {
+        let pool = pool(2);
+        for replica in &pool.replicas {
+            replica.ready.store(true, Ordering::Relaxed);
+        }
+        let firsts: std::collections::BTreeSet<String> = (0..4).map(|_| pool.order()[0].url.clone()).collect();
+        assert_eq!(firsts.len(), 2);
     }
 }
