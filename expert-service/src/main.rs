@@ -1,14 +1,13 @@
 //! `moge-expert`: hosts one expert group, or the shared expert, of one or
 //! more layers and serves `moge.v1.ExpertGroup` over gRPC.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use moge_shared::checkpoint::Checkpoint;
-use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
+use moge_shared::service::{init_tracing, serve_grpc};
+use moge_shared::settings::ServerArgs;
 use moge_shared::weights::WeightFormat;
 
 use moge_expert::{ExpertService, Hosted, routes};
@@ -43,21 +42,8 @@ struct Args {
     /// Compute threads; 0 uses every core.
     #[arg(long, env = "MOGE_COMPUTE_THREADS", default_value_t = 0)]
     compute_threads: usize,
-    /// Address to listen on.
-    #[arg(long, env = "MOGE_HOST", default_value = "127.0.0.1")]
-    host: IpAddr,
-    /// gRPC port; 0 picks a free port, which the "listening" log line reports.
-    #[arg(long, env = "MOGE_GRPC_PORT", default_value_t = 8001)]
-    grpc_port: u16,
-    /// Largest gRPC message accepted or sent, in bytes.
-    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
-    max_message_bytes: usize,
-    /// Replica name reported by `moge.v1.Host/Describe`, for example the pod name.
-    #[arg(long, env = "MOGE_REPLICA", default_value = "")]
-    replica: String,
-    /// Seconds that in-flight requests get to finish after SIGTERM.
-    #[arg(long, env = "MOGE_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
-    drain_timeout_seconds: u64,
+    #[command(flatten)]
+    server: ServerArgs,
 }
 
 #[tokio::main]
@@ -86,7 +72,14 @@ async fn main() -> anyhow::Result<()> {
             .context("failed to start the compute thread pool")?,
     );
     let started = std::time::Instant::now();
-    let service = ExpertService::load(&checkpoint, &layers, hosted, args.weights, pool, args.replica.clone())?;
+    let service = ExpertService::load(
+        &checkpoint,
+        &layers,
+        hosted,
+        args.weights,
+        pool,
+        args.server.replica.clone(),
+    )?;
     tracing::info!(
         checkpoint = %args.checkpoint.display(),
         layers = ?layers,
@@ -99,11 +92,8 @@ async fn main() -> anyhow::Result<()> {
         "expert weights loaded"
     );
 
-    let routes = routes(service, args.max_message_bytes);
-    let options = ServeOptions {
-        address: SocketAddr::new(args.host, args.grpc_port),
-        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
-    };
+    let routes = routes(service, args.server.max_message_bytes);
+    let options = args.server.serve_options();
     serve_grpc(options, routes, moge_expert::SERVICE_NAME).await?;
     Ok(())
 }

@@ -19,6 +19,37 @@ use clap::{ArgAction, CommandFactory, FromArgMatches};
 /// Argument id of the flag that names the TOML file (`--config`).
 pub const CONFIG_ARG: &str = "config";
 
+/// Settings every internal gRPC service shares; flatten into a binary's
+/// arguments with `#[command(flatten)]`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MOGE_HOST", default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// gRPC port; 0 picks a free port, which the "listening" log line reports.
+    #[arg(long, env = "MOGE_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    pub max_message_bytes: usize,
+    /// Replica name reported by `moge.v1.Host/Describe`, for example the pod name.
+    #[arg(long, env = "MOGE_REPLICA", default_value = "")]
+    pub replica: String,
+    /// Seconds that in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "MOGE_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub drain_timeout_seconds: u64,
+}
+
+impl ServerArgs {
+    /// Listening address and drain timeout.
+    pub fn serve_options(&self) -> crate::service::ServeOptions {
+        crate::service::ServeOptions {
+            address: std::net::SocketAddr::new(self.host, self.grpc_port),
+            drain_timeout: std::time::Duration::from_secs(self.drain_timeout_seconds),
+        }
+    }
+}
+
 /// A configuration file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {

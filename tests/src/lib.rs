@@ -118,3 +118,17 @@ impl Drop for ServiceProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Writes the `small` checkpoint (both layers) into `dir` with `moge-ckpt`.
+pub fn generate_small(dir: &std::path::Path) {
+    let output = std::process::Command::new(binary("moge-ckpt"))
+        .args(["generate", "--preset", "small", "--out"])
+        .arg(dir)
+        .output()
+        .expect("moge-ckpt starts");
+    assert!(
+        output.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

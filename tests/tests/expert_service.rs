@@ -1,7 +1,5 @@
 //! `moge-expert` as separate processes on loopback, called over real gRPC.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use moge_shared::checkpoint::Checkpoint;
@@ -13,21 +11,9 @@ use moge_shared::routing::Assignment;
 use moge_shared::weights::WeightFormat;
 use moge_shared::wire::{decode_matrix, encode_f32s, encode_matrix, encode_u32s};
 use moge_shared::{DType, RoutingOptions};
-use moge_tests::{ServiceProcess, binary};
+use moge_tests::{ServiceProcess, generate_small};
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn generate(dir: &Path) {
-    let output = Command::new(binary("moge-ckpt"))
-        .args(["generate", "--preset", "small", "--out", dir.to_str().unwrap()])
-        .output()
-        .expect("moge-ckpt starts");
-    assert!(
-        output.status.success(),
-        "generate failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 fn hidden_states(tokens: usize) -> Vec<f32> {
     (0..tokens * 512)
@@ -55,7 +41,7 @@ fn bits(values: &[f32]) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread")]
 async fn group_and_shared_expert_match_in_process_bitwise() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path());
+    generate_small(dir.path());
     let ckpt = dir.path().to_str().unwrap();
     let mut group = ServiceProcess::start(
         "moge-expert",
@@ -148,7 +134,7 @@ async fn group_and_shared_expert_match_in_process_bitwise() {
 #[tokio::test(flavor = "multi_thread")]
 async fn expert_rejects_bad_requests_by_field() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path());
+    generate_small(dir.path());
     let ckpt = dir.path().to_str().unwrap();
     let process = ServiceProcess::start(
         "moge-expert",

@@ -1,7 +1,5 @@
 //! `moge-router` as a separate process on loopback, called over real gRPC.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use moge_shared::checkpoint::Checkpoint;
@@ -11,24 +9,12 @@ use moge_shared::proto::moge::v1::router_client::RouterClient;
 use moge_shared::proto::moge::v1::{DescribeRequest, Role, RouteRequest, RoutingMode as WireMode};
 use moge_shared::wire::{decode_f32s, decode_u32s, encode_matrix};
 use moge_shared::{DType, RoutingMode, RoutingOptions};
-use moge_tests::{ServiceProcess, binary};
+use moge_tests::{ServiceProcess, generate_small};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn generate(dir: &Path) {
-    let status = Command::new(binary("moge-ckpt"))
-        .args(["generate", "--preset", "small", "--out", dir.to_str().unwrap()])
-        .output()
-        .expect("moge-ckpt starts");
-    assert!(
-        status.status.success(),
-        "generate failed: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-}
 
 fn hidden_states(tokens: usize) -> Vec<f32> {
     (0..tokens * 512)
@@ -39,7 +25,7 @@ fn hidden_states(tokens: usize) -> Vec<f32> {
 #[tokio::test(flavor = "multi_thread")]
 async fn router_serves_routes_equal_to_in_process() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path());
+    generate_small(dir.path());
     let ckpt = dir.path().to_str().unwrap();
     let mut process = ServiceProcess::start(
         "moge-router",
@@ -132,7 +118,7 @@ async fn router_serves_routes_equal_to_in_process() {
 #[tokio::test(flavor = "multi_thread")]
 async fn router_rejects_bad_requests_by_field() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path());
+    generate_small(dir.path());
     let ckpt = dir.path().to_str().unwrap();
     let process = ServiceProcess::start(
         "moge-router",

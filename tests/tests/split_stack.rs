@@ -2,8 +2,6 @@
 //! expert groups (group 0 with two replicas), the shared expert and the
 //! gateway, called through the KServe v2 gRPC API.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use moge_shared::checkpoint::Checkpoint;
@@ -14,22 +12,10 @@ use moge_shared::proto::inference::model_infer_request::{InferInputTensor, Infer
 use moge_shared::proto::inference::{InferParameter, ModelInferRequest, ServerReadyRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
-use moge_tests::{ServiceProcess, binary};
+use moge_tests::{ServiceProcess, generate_small};
 use tonic::transport::Channel;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-fn generate(dir: &Path) {
-    let output = Command::new(binary("moge-ckpt"))
-        .args(["generate", "--preset", "small", "--out", dir.to_str().unwrap()])
-        .output()
-        .expect("moge-ckpt starts");
-    assert!(
-        output.status.success(),
-        "generate failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 struct Stack {
     router: ServiceProcess,
@@ -145,7 +131,7 @@ async fn wait_ready(client: &mut GrpcInferenceServiceClient<Channel>, ready: boo
 #[tokio::test(flavor = "multi_thread")]
 async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path());
+    generate_small(dir.path());
     let mut stack = start_stack(dir.path().to_str().unwrap());
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
         .await
@@ -253,7 +239,7 @@ async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
 #[tokio::test(flavor = "multi_thread")]
 async fn gateway_rejects_bad_requests_by_field() {
     let dir = tempfile::tempdir().unwrap();
-    generate(dir.path());
+    generate_small(dir.path());
     let stack = start_stack(dir.path().to_str().unwrap());
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
         .await
