@@ -32,7 +32,8 @@ use crate::embedded::Embedded;
 use crate::frontend::Frontend;
 use crate::kserve::KServe;
 use crate::pipeline::Shape;
-use crate::upstream::{Pool, Upstreams};
+use crate::upstream::{Identity, Pool, Upstreams};
+use moge_shared::proto::moge::v1::Role;
 
 #[derive(Parser)]
 #[command(version, about = "KServe v2 front of a moge-serve deployment")]
@@ -124,16 +125,30 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let split = |list: &String| list.split(',').map(str::to_owned).collect::<Vec<_>>();
-    let router = Pool::new("router".to_owned(), moge_router::SERVICE_NAME, &args.router)?;
+    let identity = |role, group| Identity { role, group };
+    let router = Pool::new(
+        "router".to_owned(),
+        moge_router::SERVICE_NAME,
+        identity(Role::Router, None),
+        &args.router,
+    )?;
     let groups = args
         .groups
         .iter()
         .enumerate()
-        .map(|(group, list)| Pool::new(format!("group {group}"), moge_expert::SERVICE_NAME, &split(list)))
+        .map(|(group, list)| {
+            Pool::new(
+                format!("group {group}"),
+                moge_expert::SERVICE_NAME,
+                identity(Role::ExpertGroup, Some(group as u32)),
+                &split(list),
+            )
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let shared_expert = Pool::new(
         "shared expert".to_owned(),
         moge_expert::SERVICE_NAME,
+        identity(Role::SharedExpert, None),
         &args.shared_expert,
     )?;
     let upstreams = Arc::new(Upstreams {
@@ -145,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
     // The router describes the model; retry while it starts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.startup_timeout_seconds);
     let description = loop {
+        upstreams.router.probe().await;
         let attempt = upstreams
             .router
             .call(|channel| async move {
@@ -169,7 +185,8 @@ async fn main() -> anyhow::Result<()> {
     let num_groups = description.num_groups as usize;
     if num_groups != upstreams.groups.len() {
         bail!(
-            "--group is given {} times, but the model has {num_groups} groups",
+            "the model has {num_groups} expert groups but --group was given {} time(s); \
+             give one --group per group, in group order",
             upstreams.groups.len()
         );
     }

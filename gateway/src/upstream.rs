@@ -2,9 +2,11 @@
 //! with replica failover and a background health probe.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use moge_shared::proto::moge::v1::host_client::HostClient;
+use moge_shared::proto::moge::v1::{DescribeRequest, Role};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -19,6 +21,25 @@ pub struct Replica {
     ready: AtomicBool,
     /// Calls in flight on this replica, the load that selection compares.
     inflight: AtomicUsize,
+    /// Whether the replica hosts what the pool expects: [`UNVERIFIED`],
+    /// [`VERIFIED`] or [`MISMATCHED`].
+    identity: AtomicU8,
+}
+
+const UNVERIFIED: u8 = 0;
+const VERIFIED: u8 = 1;
+const MISMATCHED: u8 = 2;
+
+/// Role and group every replica of a pool must host, checked with
+/// `moge.v1.Host/Describe` before the replica gets any call. A group's
+/// requests carry group-local expert indices, so a replica of another group
+/// would compute the wrong experts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Expected role.
+    pub role: Role,
+    /// Expected group, for expert groups.
+    pub group: Option<u32>,
 }
 
 /// The replicas of one upstream service, tried in turn.
@@ -29,6 +50,8 @@ pub struct Pool {
     pub service: &'static str,
     /// The replicas.
     pub replicas: Vec<Replica>,
+    /// Role and group every replica must host.
+    pub identity: Identity,
     next: AtomicUsize,
 }
 
@@ -43,7 +66,7 @@ pub struct AddressError {
 
 impl Pool {
     /// Builds a pool from `http://host:port` addresses; connects lazily.
-    pub fn new(name: String, service: &'static str, urls: &[String]) -> Result<Self, AddressError> {
+    pub fn new(name: String, service: &'static str, identity: Identity, urls: &[String]) -> Result<Self, AddressError> {
         let replicas = urls
             .iter()
             .map(|url| {
@@ -58,12 +81,14 @@ impl Pool {
                     channel: endpoint.connect_lazy(),
                     ready: AtomicBool::new(false),
                     inflight: AtomicUsize::new(0),
+                    identity: AtomicU8::new(UNVERIFIED),
                 })
             })
             .collect::<Result<Vec<_>, AddressError>>()?;
         Ok(Pool {
             name,
             service,
+            identity,
             replicas,
             next: AtomicUsize::new(0),
         })
@@ -72,11 +97,14 @@ impl Pool {
     /// Replicas in the order to try them for one call. The first is chosen
     /// by power of two choices among the ready replicas: of two picked in
     /// rotation, the one with fewer calls in flight. The other ready ones
-    /// follow, then the ones not ready, as fallbacks.
+    /// follow, then the ones not ready, as fallbacks. Replicas whose identity
+    /// is not verified never get a call.
     pub fn order(&self) -> Vec<&Replica> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.replicas.len();
-        let rotated = (0..count).map(|offset| &self.replicas[(start + offset) % count]);
+        let rotated = (0..count)
+            .map(|offset| &self.replicas[(start + offset) % count])
+            .filter(|replica| replica.identity.load(Ordering::Relaxed) == VERIFIED);
         let (mut ready, not_ready): (Vec<&Replica>, Vec<&Replica>) = rotated.partition(|replica| replica.is_ready());
         if ready.len() >= 2 {
             // The second candidate sits half the ring away, so that two
@@ -105,11 +133,44 @@ impl Pool {
                 tokio::time::timeout(Duration::from_secs(1), client.check(request)).await,
                 Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
             );
+            let serving = serving && self.verify(replica).await;
             let was = replica.ready.swap(serving, Ordering::Relaxed);
             if was != serving {
                 tracing::info!(upstream = %self.name, replica = %replica.url, ready = serving, "replica readiness changed");
             }
         }
+    }
+
+    /// Checks, once per replica and again after it was not ready, that it
+    /// hosts what the pool expects; logs an error on a mismatch.
+    async fn verify(&self, replica: &Replica) -> bool {
+        if replica.is_ready() && replica.identity.load(Ordering::Relaxed) == VERIFIED {
+            return true;
+        }
+        let mut client = HostClient::new(replica.channel.clone());
+        let described = tokio::time::timeout(Duration::from_secs(1), client.describe(DescribeRequest {})).await;
+        let Ok(Ok(description)) = described else {
+            return false;
+        };
+        let description = description.into_inner();
+        let found = Identity {
+            role: Role::try_from(description.role).unwrap_or(Role::Unspecified),
+            group: description.group,
+        };
+        if found == self.identity {
+            replica.identity.store(VERIFIED, Ordering::Relaxed);
+            return true;
+        }
+        if replica.identity.swap(MISMATCHED, Ordering::Relaxed) != MISMATCHED {
+            tracing::error!(
+                upstream = %self.name,
+                replica = %replica.url,
+                expected = ?self.identity,
+                found = ?found,
+                "replica hosts something else than configured; it gets no calls until fixed"
+            );
+        }
+        false
     }
 
     /// Marks a replica not ready after a failed call, until the next probe.
@@ -242,7 +303,15 @@ mod tests {
         let urls: Vec<String> = (0..replicas)
             .map(|i| format!("http://127.0.0.1:{}", 1000 + i))
             .collect();
-        Pool::new("group 0".to_owned(), "moge.v1.ExpertGroup", &urls).unwrap()
+        let identity = Identity {
+            role: Role::ExpertGroup,
+            group: Some(0),
+        };
+        let pool = Pool::new("group 0".to_owned(), "moge.v1.ExpertGroup", identity, &urls).unwrap();
+        for replica in &pool.replicas {
+            replica.identity.store(VERIFIED, Ordering::Relaxed);
+        }
+        pool
     }
 
     #[tokio::test]
@@ -265,6 +334,17 @@ mod tests {
             let order = pool.order();
             assert_eq!(order.len(), 3);
             assert_eq!(order[0].url, pool.replicas[2].url);
+        }
+    }
+
+    #[tokio::test]
+    async fn mismatched_replica_gets_no_call() {
+        let pool = pool(2);
+        pool.replicas[0].identity.store(MISMATCHED, Ordering::Relaxed);
+        for _ in 0..3 {
+            let order = pool.order();
+            assert_eq!(order.len(), 1);
+            assert_eq!(order[0].url, pool.replicas[1].url);
         }
     }
 

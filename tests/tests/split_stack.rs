@@ -320,3 +320,69 @@ async fn gateway_rejects_bad_requests_by_field() {
         "a good request after the bad ones"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gateway_never_calls_a_replica_of_another_group() {
+    let dir = tempfile::tempdir().unwrap();
+    generate_small(dir.path());
+    let ckpt = dir.path().to_str().unwrap();
+    let start = |extra: &[&str]| {
+        let mut args = vec!["--checkpoint", ckpt, "--grpc-port", "0"];
+        args.extend_from_slice(extra);
+        ServiceProcess::start("moge-expert", &args, START_TIMEOUT)
+    };
+    let router = ServiceProcess::start(
+        "moge-router",
+        &["--checkpoint", ckpt, "--grpc-port", "0"],
+        START_TIMEOUT,
+    );
+    let groups: Vec<ServiceProcess> = (0..8).map(|group| start(&["--group", &group.to_string()])).collect();
+    let shared = start(&["--shared-expert"]);
+    let url = |process: &ServiceProcess| format!("http://{}", process.address);
+
+    // Groups 2 and 3 swapped: their replicas must be refused, not called.
+    let mut args = vec![
+        "--grpc-port".to_owned(),
+        "0".to_owned(),
+        "--http-port".to_owned(),
+        "0".to_owned(),
+        "--probe-interval-ms".to_owned(),
+        "100".to_owned(),
+        "--router".to_owned(),
+        url(&router),
+        "--shared-expert".to_owned(),
+        url(&shared),
+    ];
+    for group in [0, 1, 3, 2, 4, 5, 6, 7] {
+        args.push("--group".to_owned());
+        args.push(url(&groups[group]));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut gateway =
+        ServiceProcess::start_serving("moge-gateway", &args, START_TIMEOUT, "inference.GRPCInferenceService");
+    let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", gateway.address))
+        .await
+        .unwrap();
+
+    let ready = client
+        .server_ready(ServerReadyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .ready;
+    assert!(!ready, "a gateway with swapped groups must not report ready");
+    let error = client
+        .model_infer(infer_request(&hidden_states(2, 0), 2, DType::F32, 0, &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    gateway.terminate(Duration::from_secs(10));
+    assert!(
+        gateway
+            .log
+            .iter()
+            .any(|line| line.contains("hosts something else than configured")),
+        "no error logged for the swapped groups:\n{}",
+        gateway.log.join("\n")
+    );
+}
