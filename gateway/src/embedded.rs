@@ -131,7 +131,7 @@ impl Embedded {
             checkpoint = %checkpoint_dir.display(),
             layers = ?layers,
             router = %router,
-            groups = groups.len(),
+            groups = ?groups,
             shared_expert = %shared_expert,
             "embedded router, expert groups and shared expert serving on loopback"
         );
