@@ -3,11 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::Parser;
-use moge_shared::checkpoint::Checkpoint;
 use moge_shared::service::{init_tracing, serve_grpc};
-use moge_shared::settings::ServerArgs;
+use moge_shared::settings::{ModelArgs, ServerArgs};
 use moge_shared::weights::WeightFormat;
 
 use moge_expert::{ExpertService, Hosted, routes};
@@ -19,12 +18,8 @@ struct Args {
     /// Flags and MOGE_ environment variables override it.
     #[arg(long, env = "MOGE_CONFIG")]
     config: Option<PathBuf>,
-    /// Checkpoint directory (Hugging Face layout); only this process's experts are read.
-    #[arg(long, env = "MOGE_CHECKPOINT")]
-    checkpoint: PathBuf,
-    /// Layers to host, comma-separated; default: every layer in the checkpoint.
-    #[arg(long, env = "MOGE_LAYERS", value_delimiter = ',')]
-    layers: Vec<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Expert group to host, 0..M.
     #[arg(
         long,
@@ -50,16 +45,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     let args = moge_shared::settings::parse::<Args>();
-    let checkpoint = Checkpoint::open(&args.checkpoint)
-        .with_context(|| format!("failed to open checkpoint {}", args.checkpoint.display()))?;
-    let layers = if args.layers.is_empty() {
-        checkpoint.layers()
-    } else {
-        args.layers.clone()
-    };
-    if layers.is_empty() {
-        bail!("checkpoint {} contains no layer tensors", args.checkpoint.display());
-    }
+    let (checkpoint, layers) = args.model.open()?;
     let hosted = match args.group {
         Some(group) => Hosted::Group(group),
         None => Hosted::SharedExpert,
@@ -81,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
         args.server.replica.clone(),
     )?;
     tracing::info!(
-        checkpoint = %args.checkpoint.display(),
+        checkpoint = %args.model.checkpoint.display(),
         layers = ?layers,
         hosted = %hosted,
         weights = ?args.weights,

@@ -1,5 +1,5 @@
 //! `moge-gateway`: the KServe v2 gRPC front of a moge-serve deployment.
-//! It validates requests and asks the router for the routing. Then it sends
+//! It validates requests and gets each batch's routing from the router. Then it sends
 //! every expert group its rows and the shared expert all rows, and sums.
 //!
 //! With no upstream addresses it starts the router, every group and the
@@ -182,6 +182,9 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
+    if description.layers.is_empty() {
+        bail!("the router hosts no layer, expected at least one");
+    }
     let num_groups = description.num_groups as usize;
     if num_groups != upstreams.groups.len() {
         bail!(

@@ -3,12 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Parser;
 use moge_shared::RoutingMode;
-use moge_shared::checkpoint::Checkpoint;
 use moge_shared::service::{init_tracing, serve_grpc};
-use moge_shared::settings::ServerArgs;
+use moge_shared::settings::{ModelArgs, ServerArgs};
 
 use moge_router::{RouterService, routes};
 
@@ -19,12 +17,8 @@ struct Args {
     /// Flags and MOGE_ environment variables override it.
     #[arg(long, env = "MOGE_CONFIG")]
     config: Option<PathBuf>,
-    /// Checkpoint directory (Hugging Face layout); only router tensors are read.
-    #[arg(long, env = "MOGE_CHECKPOINT")]
-    checkpoint: PathBuf,
-    /// Layers to serve, comma-separated; default: every layer in the checkpoint.
-    #[arg(long, env = "MOGE_LAYERS", value_delimiter = ',')]
-    layers: Vec<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Routing mode for requests that do not choose one: moge, top-k or group-limited.
     #[arg(long, env = "MOGE_ROUTING", default_value = "moge")]
     routing: RoutingMode,
@@ -36,16 +30,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     let args = moge_shared::settings::parse::<Args>();
-    let checkpoint = Checkpoint::open(&args.checkpoint)
-        .with_context(|| format!("failed to open checkpoint {}", args.checkpoint.display()))?;
-    let layers = if args.layers.is_empty() {
-        checkpoint.layers()
-    } else {
-        args.layers.clone()
-    };
+    let (checkpoint, layers) = args.model.open()?;
     let service = RouterService::load(&checkpoint, &layers, args.routing, args.server.replica.clone())?;
     tracing::info!(
-        checkpoint = %args.checkpoint.display(),
+        checkpoint = %args.model.checkpoint.display(),
         layers = ?layers,
         routing = %args.routing,
         experts = checkpoint.config().num_experts,

@@ -19,6 +19,58 @@ use clap::{ArgAction, CommandFactory, FromArgMatches};
 /// Argument id of the flag that names the TOML file (`--config`).
 pub const CONFIG_ARG: &str = "config";
 
+/// The checkpoint and layers a service hosts; flatten into a binary's
+/// arguments with `#[command(flatten)]`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Checkpoint directory (Hugging Face layout); only the tensors this
+    /// process hosts are read.
+    #[arg(long, env = "MOGE_CHECKPOINT")]
+    pub checkpoint: std::path::PathBuf,
+    /// Layers to host, comma-separated; default: every layer in the checkpoint.
+    #[arg(long, env = "MOGE_LAYERS", value_delimiter = ',')]
+    pub layers: Vec<usize>,
+}
+
+/// A checkpoint that cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The checkpoint could not be opened.
+    #[error("failed to open checkpoint {dir}: {source}")]
+    Open {
+        /// The directory.
+        dir: String,
+        /// Underlying error.
+        source: crate::checkpoint::CheckpointError,
+    },
+    /// No layer would be hosted.
+    #[error("checkpoint {dir} contains no layer tensors, expected at least one layer to host")]
+    NoLayers {
+        /// The directory.
+        dir: String,
+    },
+}
+
+impl ModelArgs {
+    /// Opens the checkpoint and returns it with the layers to host.
+    pub fn open(&self) -> Result<(crate::checkpoint::Checkpoint, Vec<usize>), ModelError> {
+        let dir = self.checkpoint.display().to_string();
+        let checkpoint = crate::checkpoint::Checkpoint::open(&self.checkpoint).map_err(|source| ModelError::Open {
+            dir: dir.clone(),
+            source,
+        })?;
+        let layers = if self.layers.is_empty() {
+            checkpoint.layers()
+        } else {
+            self.layers.clone()
+        };
+        if layers.is_empty() {
+            return Err(ModelError::NoLayers { dir });
+        }
+        Ok((checkpoint, layers))
+    }
+}
+
 /// Settings every internal gRPC service shares; flatten into a binary's
 /// arguments with `#[command(flatten)]`.
 #[derive(clap::Args, Clone, Debug)]
