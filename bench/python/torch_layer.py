@@ -1,9 +1,9 @@
 """Eager PyTorch on CPU running the same MoGE layer as moge-serve.
 
 Loads one layer of a moge-serve checkpoint (the Hugging Face layout) and times
-the whole layer the way eager MoE implementations run it: router matmul,
-softmax, top-K' per group, then a loop over the experts that have tokens
-(gather, SwiGLU, weighted index_add), plus the shared expert. It prints, and
+the whole layer the way eager MoE implementations run it. That is a router
+matmul, softmax and top-K' per group, then a loop over the experts that have
+tokens (gather, SwiGLU, weighted index_add), plus the shared expert. It prints, and
 optionally writes, tokens/s and GFLOP/s per batch size, next to torch's own
 f32 matmul rate on this machine as a second ceiling.
 

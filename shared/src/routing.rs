@@ -280,7 +280,7 @@ impl Router {
         self.gate.cols()
     }
 
-    /// The gate weights, `[N, H]`.
+    /// Returns the gate weights, `[N, H]`.
     pub fn gate(&self) -> &WeightMatrix {
         &self.gate
     }

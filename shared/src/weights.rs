@@ -80,7 +80,7 @@ impl<T: Pod> Buffer<T> {
         }
     }
 
-    /// Whether the elements live in a memory-mapped file.
+    /// Returns whether the elements live in a memory-mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.inner, BufferInner::Mapped { .. })
     }
@@ -178,7 +178,7 @@ impl WeightMatrix {
         self.rows * self.cols * self.dtype().size()
     }
 
-    /// Whether the data is borrowed from a memory-mapped file.
+    /// Returns whether the data is borrowed from a memory-mapped file.
     pub fn is_mapped(&self) -> bool {
         match &self.data {
             WeightData::F32(buffer) => buffer.is_mapped(),

@@ -7,8 +7,8 @@ use moge_shared::routing::{RoutingShape, route_logits};
 use moge_shared::{ModelConfig, RoutingMode, RoutingOptions};
 use proptest::prelude::*;
 
-/// A small model whose hidden size is not a multiple of 8, so the kernels'
-/// tail path runs too.
+/// Builds a small model whose hidden size is not a multiple of 8, so the
+/// kernels' tail path runs too.
 fn tiny_config(groups: usize) -> ModelConfig {
     ModelConfig {
         hidden_size: 44,
@@ -157,7 +157,7 @@ proptest! {
 }
 
 #[test]
-fn portable_and_simd_kernels_agree_bitwise_on_a_layer() {
+fn portable_and_simd_kernels_agree_bitwise() {
     let layer = layer(4);
     let tokens = 37;
     let hidden = random_values(tokens * layer.hidden_size(), 99, 1.0);

@@ -129,7 +129,7 @@ async fn wait_ready(client: &mut GrpcInferenceServiceClient<Channel>, ready: boo
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn split_stack_matches_in_process_layer_and_survives_replica_loss() {
+async fn split_stack_matches_in_process_bitwise() {
     let dir = tempfile::tempdir().unwrap();
     generate_small(dir.path());
     let mut stack = start_stack(dir.path().to_str().unwrap());

@@ -216,12 +216,12 @@ impl Checkpoint {
         })
     }
 
-    /// The checkpoint directory.
+    /// Returns the checkpoint directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// The validated model configuration.
+    /// Returns the validated model configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -1,10 +1,10 @@
 //! AVX2 + FMA + F16C kernel, bitwise equal to the portable one.
 //!
 //! A tile computes `R` weight rows against `C` tokens at once, holding
-//! `R * C` eight-lane accumulators in registers: `4 x 3` with AVX2's 16
-//! registers, `4 x 6` where AVX-512VL gives 32, and `8 x 1` for a single
-//! token, where eight independent FMA chains hide the FMA latency and the
-//! loop streams the weights at memory bandwidth.
+//! `R * C` eight-lane accumulators in registers. The tile is `4 x 3` with
+//! AVX2's 16 registers and `4 x 6` where AVX-512VL gives 32. A single token
+//! uses `8 x 1`, where eight independent FMA chains hide the FMA latency, so
+//! the loop streams the weights at memory bandwidth.
 #![allow(unsafe_code)]
 
 use std::arch::x86_64::*;
@@ -71,10 +71,9 @@ pub(super) fn block<E: Element>(w: &[E], cols: usize, x: &[f32], tokens: usize, 
     }
     // Dispatch on the concrete element type; `Load8` is private to this module.
     // bf16 and f16 are widened in registers at every load. Widening a block
-    // into an f32 scratch buffer once and reusing it for every token tile
-    // measured slower at every batch size from 4 to 256 tokens on Zen 4,
-    // because the extra store and reload cost more than the two widening
-    // instructions per load.
+    // into an f32 scratch buffer once, for reuse by every token tile,
+    // measured slower at every batch size from 4 to 256 tokens on Zen 4.
+    // The extra store and reload cost more than two widening instructions.
     if let Some(w) = cast::<E, f32>(w) {
         run(w, cols, x, tokens, out);
     } else if let Some(w) = cast::<E, bf16>(w) {
