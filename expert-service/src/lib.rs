@@ -3,11 +3,12 @@
 //! `moge-expert` binary serves it alone; the gateway's embedded mode serves
 //! every group in its own process.
 
+mod metrics;
 mod service;
 
 use moge_shared::proto::moge::v1::expert_group_server::ExpertGroupServer;
 use moge_shared::proto::moge::v1::host_server::HostServer;
-pub use service::{ExpertService, Hosted};
+pub use service::{ExpertOptions, ExpertService, Hosted};
 
 /// gRPC service name whose health reflects this service.
 pub const SERVICE_NAME: &str = "moge.v1.ExpertGroup";

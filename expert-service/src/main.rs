@@ -5,11 +5,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use moge_shared::service::{init_tracing, serve_grpc};
+use moge_shared::service::serve_grpc;
 use moge_shared::settings::{ModelArgs, ServerArgs};
 use moge_shared::weights::WeightFormat;
+use moge_telemetry::{RpcLayer, Telemetry, TelemetryArgs};
+use opentelemetry::KeyValue;
 
-use moge_expert::{ExpertService, Hosted, routes};
+use moge_expert::{ExpertOptions, ExpertService, Hosted, routes};
 
 #[derive(Parser)]
 #[command(version, about = "Host one MoGE expert group, or the shared expert, over gRPC")]
@@ -37,14 +39,22 @@ struct Args {
     /// Compute threads; 0 uses every core.
     #[arg(long, env = "MOGE_COMPUTE_THREADS", default_value_t = 0)]
     compute_threads: usize,
+    /// Export one assignment counter per expert
+    /// (`moge_expert_assignments_total`), besides the per-device total.
+    #[arg(long, env = "MOGE_METRICS_PER_EXPERT")]
+    metrics_per_expert: bool,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
     let args = moge_shared::settings::parse::<Args>();
+    let telemetry = Telemetry::start("moge-expert", &args.telemetry, args.server.host, args.server.instance()).await?;
+    let listener = args.server.bind().await?;
+    let replica = args.server.replica_name(listener.local_addr()?);
     let (checkpoint, layers) = args.model.open()?;
     let hosted = match args.group {
         Some(group) => Hosted::Group(group),
@@ -58,14 +68,12 @@ async fn main() -> anyhow::Result<()> {
             .context("failed to start the compute thread pool")?,
     );
     let started = std::time::Instant::now();
-    let service = ExpertService::load(
-        &checkpoint,
-        &layers,
-        hosted,
-        args.weights,
-        pool,
-        args.server.replica.clone(),
-    )?;
+    let options = ExpertOptions {
+        format: args.weights,
+        replica: replica.clone(),
+        per_expert_metrics: args.metrics_per_expert,
+    };
+    let service = ExpertService::load(&checkpoint, &layers, hosted, pool, options)?;
     tracing::info!(
         checkpoint = %args.model.checkpoint.display(),
         layers = ?layers,
@@ -75,11 +83,24 @@ async fn main() -> anyhow::Result<()> {
         compute_threads = service.compute_threads(),
         seconds = started.elapsed().as_secs_f64(),
         peak_rss_bytes = moge_shared::memory::peak_rss_bytes(),
+        replica = %replica,
         "expert weights loaded"
     );
 
     let routes = routes(service, args.server.max_message_bytes);
-    let options = args.server.serve_options();
-    serve_grpc(options, routes, moge_expert::SERVICE_NAME).await?;
+    let rpc = RpcLayer::new(vec![
+        KeyValue::new("group", hosted.group_label()),
+        KeyValue::new("replica", replica),
+    ]);
+    let served = serve_grpc(
+        listener,
+        args.server.drain_timeout(),
+        routes,
+        moge_expert::SERVICE_NAME,
+        rpc,
+    )
+    .await;
+    telemetry.shutdown();
+    served?;
     Ok(())
 }

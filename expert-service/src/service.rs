@@ -16,6 +16,8 @@ use moge_shared::weights::WeightFormat;
 use moge_shared::wire::{self, decode_f32s, decode_u32s, encode_matrix};
 use tonic::{Request, Response, Status};
 
+use crate::metrics::{ComputeRecord, ExpertMetrics};
+
 /// Experts one process hosts.
 #[derive(Clone, Copy, Debug)]
 pub enum Hosted {
@@ -30,6 +32,16 @@ impl fmt::Display for Hosted {
         match self {
             Hosted::Group(group) => write!(f, "group {group}"),
             Hosted::SharedExpert => f.write_str("shared expert"),
+        }
+    }
+}
+
+impl Hosted {
+    /// Value of the `group` label of metrics: the group index, or `shared`.
+    pub fn group_label(&self) -> String {
+        match self {
+            Hosted::Group(group) => group.to_string(),
+            Hosted::SharedExpert => moge_telemetry::balance::SHARED_GROUP.to_owned(),
         }
     }
 }
@@ -56,6 +68,18 @@ struct Inner {
     experts_per_group: usize,
     weight_dtype: DType,
     replica: String,
+    metrics: ExpertMetrics,
+}
+
+/// Options of an [`ExpertService`] beyond what it hosts.
+#[derive(Clone, Debug)]
+pub struct ExpertOptions {
+    /// Storage of the expert weights.
+    pub format: WeightFormat,
+    /// Replica name for `moge.v1.Host/Describe` and metrics.
+    pub replica: String,
+    /// Export one assignment series per expert, besides the per-device total.
+    pub per_expert_metrics: bool,
 }
 
 impl ExpertService {
@@ -64,10 +88,10 @@ impl ExpertService {
         checkpoint: &Checkpoint,
         layers: &[usize],
         hosted: Hosted,
-        format: WeightFormat,
         pool: Arc<rayon::ThreadPool>,
-        replica: String,
+        options: ExpertOptions,
     ) -> Result<Self, CheckpointError> {
+        let format = options.format;
         let mut loaded = BTreeMap::new();
         let mut weight_dtype = DType::BF16;
         for &layer in layers {
@@ -82,6 +106,17 @@ impl ExpertService {
             loaded.insert(layer, Arc::new(weights));
         }
         let config = checkpoint.config();
+        let experts = match hosted {
+            Hosted::Group(_) => config.experts_per_group(),
+            Hosted::SharedExpert => 0,
+        };
+        let metrics = ExpertMetrics::new(
+            hosted.group_label(),
+            &options.replica,
+            layers,
+            experts,
+            options.per_expert_metrics,
+        );
         Ok(ExpertService {
             inner: Arc::new(Inner {
                 hosted,
@@ -93,7 +128,8 @@ impl ExpertService {
                 top_k: config.num_experts_per_tok,
                 experts_per_group: config.experts_per_group(),
                 weight_dtype,
-                replica,
+                replica: options.replica,
+                metrics,
             }),
         })
     }
@@ -156,6 +192,9 @@ impl wire_v1::expert_group_server::ExpertGroup for ExpertService {
         let h = self.inner.hidden_size;
         let (tokens, hidden) = wire::decode_matrix("hidden_states", tensor, h)
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let span = tracing::Span::current();
+        span.record("moge.layer", layer);
+        span.record("moge.tokens", tokens);
         let assignments = match weights.as_ref() {
             LayerWeights::Group(_) => assignments(&request)?,
             LayerWeights::Shared(_) => Vec::new(),
@@ -165,7 +204,9 @@ impl wire_v1::expert_group_server::ExpertGroup for ExpertService {
         // health checks and accepting requests under full load.
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let kernel = self.inner.kernel;
+        let queued = std::time::Instant::now();
         self.inner.pool.spawn(move || {
+            let started = std::time::Instant::now();
             let result = match weights.as_ref() {
                 LayerWeights::Group(group) => group
                     .forward(kernel, &hidden, tokens, &assignments)
@@ -174,15 +215,26 @@ impl wire_v1::expert_group_server::ExpertGroup for ExpertService {
                     .forward_dense(kernel, &hidden, tokens)
                     .map(|out| (out, tokens as u64)),
             };
-            let _ = sender.send(result);
+            let timing = (started - queued, started.elapsed());
+            let _ = sender.send((result, assignments, timing));
         });
-        let (output, count) = receiver
+        let (result, assignments, (queue, busy)) = receiver
             .await
-            .map_err(|_| Status::internal("the compute task ended without a result"))?
-            .map_err(|error: ExpertError| {
-                tracing::debug!(layer, %error, "rejected compute request");
-                Status::invalid_argument(error.to_string())
-            })?;
+            .map_err(|_| Status::internal("the compute task ended without a result"))?;
+        if let Ok((_, count)) = &result {
+            self.inner.metrics.record(ComputeRecord {
+                layer,
+                tokens,
+                assignments: *count,
+                expert_assignments: &assignments,
+                queue_seconds: queue.as_secs_f64(),
+                busy_seconds: busy.as_secs_f64(),
+            });
+        }
+        let (output, count) = result.map_err(|error: ExpertError| {
+            tracing::debug!(layer, %error, "rejected compute request");
+            Status::invalid_argument(error.to_string())
+        })?;
         tracing::debug!(layer, tokens, assignments = count, "computed");
         Ok(Response::new(ComputeResponse {
             output: Some(encode_matrix(&output, tokens, h, DType::F32)),
@@ -215,6 +267,7 @@ impl wire_v1::host_server::Host for ExpertService {
             num_groups: inner.num_groups as u32,
             top_k: inner.top_k as u32,
             replica: inner.replica.clone(),
+            default_mode: wire_v1::RoutingMode::Unspecified as i32,
         }))
     }
 }

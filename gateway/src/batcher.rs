@@ -9,13 +9,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use moge_shared::DType;
+use opentelemetry::trace::TraceContextExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::Status;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::metrics::GatewayMetrics;
 use crate::pipeline::{self, LayerBatch, LayerResult, Shape};
 use crate::upstream::Upstreams;
 
@@ -41,6 +45,9 @@ struct Pending {
     tokens: usize,
     hidden: Bytes,
     reply: oneshot::Sender<Result<LayerResult, Status>>,
+    /// The request's span, which the batch span continues or links to.
+    span: tracing::Span,
+    enqueued: Instant,
 }
 
 /// Joins concurrent requests into batches and runs them on the deployment.
@@ -51,12 +58,20 @@ pub struct Batcher {
     max_message_bytes: usize,
     limits: BatchLimits,
     inflight: Arc<Semaphore>,
+    metrics: Arc<GatewayMetrics>,
 }
 
 impl Batcher {
     /// Creates a batcher; a queue task starts per (layer, mode, datatype) on first use.
-    pub fn new(upstreams: Arc<Upstreams>, shape: Shape, max_message_bytes: usize, limits: BatchLimits) -> Arc<Self> {
+    pub fn new(
+        upstreams: Arc<Upstreams>,
+        shape: Shape,
+        max_message_bytes: usize,
+        limits: BatchLimits,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Batcher {
+            metrics,
             queues: Mutex::new(HashMap::new()),
             upstreams,
             shape,
@@ -78,7 +93,13 @@ impl Batcher {
     ) -> Result<LayerResult, Status> {
         let key = Key { layer, mode, dtype };
         let (reply, result) = oneshot::channel();
-        let pending = Pending { tokens, hidden, reply };
+        let pending = Pending {
+            tokens,
+            hidden,
+            reply,
+            span: tracing::Span::current(),
+            enqueued: Instant::now(),
+        };
         let sender = {
             let mut queues = self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             queues
@@ -159,10 +180,30 @@ impl Batcher {
             hidden,
             mode: key.mode,
         };
-        tracing::debug!(layer = key.layer, tokens, requests, "running batch");
-        let result = pipeline::execute(&self.upstreams, self.shape, self.max_message_bytes, layer_batch).await;
+        let started = Instant::now();
+        for pending in &batch {
+            self.metrics.record_queue((started - pending.enqueued).as_secs_f64());
+        }
+        // The batch continues the trace of its first request and links the others.
+        let span = tracing::info_span!(
+            parent: &batch[0].span,
+            "batch",
+            otel.name = "moge.batch",
+            moge.layer = key.layer,
+            moge.tokens = tokens,
+            moge.requests = requests,
+        );
+        for pending in &batch[1..] {
+            span.add_link(pending.span.context().span().span_context().clone());
+        }
+        tracing::debug!(parent: &span, layer = key.layer, tokens, requests, "running batch");
+        let result = pipeline::execute(&self.upstreams, self.shape, self.max_message_bytes, layer_batch)
+            .instrument(span)
+            .await;
         match result {
-            Ok(result) => {
+            Ok((result, mut stats)) => {
+                stats.requests = requests;
+                self.metrics.record_batch(&stats);
                 let (h, k) = (self.shape.hidden_size, self.shape.top_k);
                 let mut row = 0;
                 for pending in batch {

@@ -8,12 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use moge_expert::{ExpertService, Hosted};
+use moge_expert::{ExpertOptions, ExpertService, Hosted};
 use moge_router::RouterService;
 use moge_shared::RoutingMode;
 use moge_shared::checkpoint::{self, Checkpoint, GenerateOptions, Preset};
 use moge_shared::service::{bind, serve_grpc_until};
 use moge_shared::weights::WeightFormat;
+use moge_telemetry::RpcLayer;
+use opentelemetry::KeyValue;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -67,26 +69,33 @@ impl Embedded {
         let mut tasks = JoinSet::new();
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
 
-        let mut serve = async |routes: tonic::service::Routes, name: &'static str| -> anyhow::Result<String> {
+        // Each part is named after its role, as the label `replica` shows it.
+        let mut serve = async |routes: tonic::service::Routes,
+                               name: &'static str,
+                               attributes: Vec<KeyValue>|
+               -> anyhow::Result<String> {
             let listener = bind(loopback).await?;
             let url = format!("http://{}", listener.local_addr()?);
+            let rpc = RpcLayer::new(attributes);
             let mut stopped = stopped.clone();
             tasks.spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                     "gateway stopped"
                 };
-                if let Err(error) = serve_grpc_until(listener, drain_timeout, routes, name, shutdown).await {
+                if let Err(error) = serve_grpc_until(listener, drain_timeout, routes, name, rpc, shutdown).await {
                     tracing::error!(%error, service = name, "embedded service failed");
                 }
             });
             Ok(url)
         };
 
-        let router = RouterService::load(&checkpoint, &layers, routing, "embedded".to_owned())?;
+        let router_replica = "embedded-router";
+        let router = RouterService::load(&checkpoint, &layers, routing, router_replica.to_owned())?;
         let router = serve(
             moge_router::routes(router, max_message_bytes),
             moge_router::SERVICE_NAME,
+            vec![KeyValue::new("replica", router_replica)],
         )
         .await?;
         // One compute pool for every group: the groups share this machine's cores.
@@ -96,37 +105,35 @@ impl Embedded {
                 .build()
                 .context("failed to start the compute thread pool")?,
         );
-        let mut groups = Vec::new();
-        for group in 0..checkpoint.config().num_groups() {
-            let service = ExpertService::load(
-                &checkpoint,
-                &layers,
-                Hosted::Group(group),
-                WeightFormat::Stored,
-                Arc::clone(&pool),
-                format!("embedded-group-{group}"),
-            )?;
-            groups.push(
-                serve(
-                    moge_expert::routes(service, max_message_bytes),
-                    moge_expert::SERVICE_NAME,
-                )
-                .await?,
-            );
+        let hosted = (0..checkpoint.config().num_groups())
+            .map(Hosted::Group)
+            .chain(std::iter::once(Hosted::SharedExpert));
+        let mut urls = Vec::new();
+        for part in hosted {
+            let replica = match part {
+                Hosted::Group(group) => format!("embedded-group-{group}"),
+                Hosted::SharedExpert => "embedded-shared-expert".to_owned(),
+            };
+            let options = ExpertOptions {
+                format: WeightFormat::Stored,
+                replica: replica.clone(),
+                per_expert_metrics: false,
+            };
+            let service = ExpertService::load(&checkpoint, &layers, part, Arc::clone(&pool), options)?;
+            let attributes = vec![
+                KeyValue::new("group", part.group_label()),
+                KeyValue::new("replica", replica),
+            ];
+            let url = serve(
+                moge_expert::routes(service, max_message_bytes),
+                moge_expert::SERVICE_NAME,
+                attributes,
+            )
+            .await?;
+            urls.push(url);
         }
-        let shared = ExpertService::load(
-            &checkpoint,
-            &layers,
-            Hosted::SharedExpert,
-            WeightFormat::Stored,
-            pool,
-            "embedded-shared-expert".to_owned(),
-        )?;
-        let shared_expert = serve(
-            moge_expert::routes(shared, max_message_bytes),
-            moge_expert::SERVICE_NAME,
-        )
-        .await?;
+        let shared_expert = urls.pop().unwrap_or_default();
+        let groups = urls;
         tracing::info!(
             checkpoint = %checkpoint_dir.display(),
             layers = ?layers,

@@ -5,13 +5,17 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use moge_shared::DType;
 use moge_shared::proto::moge::v1::RoutingMode as WireMode;
 use tonic::Status;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::batcher::Batcher;
+use crate::metrics::GatewayMetrics;
 use crate::pipeline::{LayerResult, PipelineError, Shape};
 use crate::upstream::{CallError, Upstreams};
 
@@ -36,6 +40,8 @@ pub struct Frontend {
     pub upstreams: Arc<Upstreams>,
     /// Joins concurrent requests into batches.
     pub batcher: Arc<Batcher>,
+    /// Instruments and the balance tracker.
+    pub metrics: Arc<GatewayMetrics>,
 }
 
 /// A request parameter value, as either transport carries it.
@@ -176,6 +182,34 @@ impl Frontend {
         )
     }
 
+    /// Runs `work`, one inference request over `protocol` (`grpc` or
+    /// `http`), in a request span and records its status and duration.
+    /// `parent` is the caller's trace context where the transport has not
+    /// applied it already.
+    pub async fn observe<T>(
+        &self,
+        protocol: &'static str,
+        parent: Option<opentelemetry::Context>,
+        work: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "infer",
+            otel.name = "moge.infer",
+            moge.protocol = protocol,
+            moge.layer = tracing::field::Empty,
+            moge.tokens = tracing::field::Empty,
+        );
+        if let Some(parent) = parent {
+            let _ = span.set_parent(parent);
+        }
+        let result = work.instrument(span).await;
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics
+            .record_request(protocol, code, started.elapsed().as_secs_f64());
+        result
+    }
+
     /// Validates a request, runs it through the batcher and returns the
     /// requested outputs in the requested order.
     pub async fn infer(&self, request: InferRequest) -> Result<Vec<OutputTensor>, Status> {
@@ -301,6 +335,9 @@ impl Frontend {
             }
         }
 
+        let span = tracing::Span::current();
+        span.record("moge.layer", layer);
+        span.record("moge.tokens", tokens);
         let result = if tokens == 0 {
             LayerResult {
                 output: Vec::new(),

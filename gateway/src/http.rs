@@ -28,6 +28,7 @@ pub fn router(frontend: Arc<Frontend>, max_body_bytes: usize) -> Router {
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route("/v1/balance", get(balance))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
         .with_state(frontend)
 }
@@ -116,17 +117,37 @@ async fn model_metadata_version(
 async fn infer(
     State(frontend): State<Arc<Frontend>>,
     Path(model): Path<String>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
-    run_infer(&frontend, model, String::new(), &body).await
+    observe_infer(&frontend, model, String::new(), &headers, &body).await
 }
 
 async fn infer_version(
     State(frontend): State<Arc<Frontend>>,
     Path((model, version)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
-    run_infer(&frontend, model, version, &body).await
+    observe_infer(&frontend, model, version, &headers, &body).await
+}
+
+/// Per device, the assignments over the last minute and in total, with
+/// the imbalance score and straggler gap of recent batches.
+async fn balance(State(frontend): State<Arc<Frontend>>) -> Json<moge_telemetry::balance::BalanceReport> {
+    Json(frontend.metrics.balance.report())
+}
+
+async fn observe_infer(
+    frontend: &Frontend,
+    model: String,
+    version: String,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> Result<Json<Value>, HttpError> {
+    let parent = moge_telemetry::propagation::extract(headers);
+    let work = async { run_infer(frontend, model, version, body).await.map_err(|error| error.0) };
+    Ok(frontend.observe("http", Some(parent), work).await?)
 }
 
 /// Appends the numbers of a nested JSON array to `out`, row-major.

@@ -89,7 +89,16 @@ impl GrpcInferenceService for KServe {
     }
 
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Result<Response<ModelInferResponse>, Status> {
-        let request = request.into_inner();
+        // The server span of the call already carries the caller's trace context.
+        self.frontend
+            .observe("grpc", None, model_infer(&self.frontend, request.into_inner()))
+            .await
+            .map(Response::new)
+    }
+}
+
+async fn model_infer(frontend: &Frontend, request: ModelInferRequest) -> Result<ModelInferResponse, Status> {
+    {
         let inputs = request
             .inputs
             .iter()
@@ -122,7 +131,7 @@ impl GrpcInferenceService for KServe {
             inputs,
             outputs: request.outputs.into_iter().map(|output| output.name).collect(),
         };
-        let outputs = self.frontend.infer(neutral).await?;
+        let outputs = frontend.infer(neutral).await?;
         let mut tensors = Vec::with_capacity(outputs.len());
         let mut raw = Vec::with_capacity(outputs.len());
         for output in outputs {
@@ -134,13 +143,13 @@ impl GrpcInferenceService for KServe {
             });
             raw.push(output.data);
         }
-        Ok(Response::new(ModelInferResponse {
-            model_name: self.frontend.model_name.clone(),
+        Ok(ModelInferResponse {
+            model_name: frontend.model_name.clone(),
             model_version: "1".to_owned(),
             id: request.id,
             parameters: Default::default(),
             outputs: tensors,
             raw_output_contents: raw,
-        }))
+        })
     }
 }

@@ -12,6 +12,7 @@ mod embedded;
 mod frontend;
 mod http;
 mod kserve;
+mod metrics;
 mod pipeline;
 mod upstream;
 
@@ -24,13 +25,16 @@ use clap::Parser;
 use moge_shared::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use moge_shared::proto::moge::v1::DescribeRequest;
 use moge_shared::proto::moge::v1::host_client::HostClient;
-use moge_shared::service::{ServeOptions, init_tracing, serve_grpc};
+use moge_shared::service::serve_grpc;
+use moge_telemetry::{RpcLayer, Telemetry, TelemetryArgs};
+use opentelemetry::KeyValue;
 use std::path::PathBuf;
 
 use crate::batcher::{BatchLimits, Batcher};
 use crate::embedded::Embedded;
 use crate::frontend::Frontend;
 use crate::kserve::KServe;
+use crate::metrics::GatewayMetrics;
 use crate::pipeline::Shape;
 use crate::upstream::{Identity, Pool, Upstreams};
 use moge_shared::proto::moge::v1::Role;
@@ -99,12 +103,29 @@ struct Args {
     /// Milliseconds between health probes of every upstream replica.
     #[arg(long, env = "MOGE_PROBE_INTERVAL_MS", default_value_t = 500)]
     probe_interval_ms: u64,
+    /// Replica name of this gateway in telemetry, for example the pod name;
+    /// default: HOST:GRPC_PORT.
+    #[arg(long, env = "MOGE_REPLICA", default_value = "")]
+    replica: String,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
     let mut args = moge_shared::settings::parse::<Args>();
+    if args.replica.is_empty() {
+        args.replica = SocketAddr::new(args.host, args.grpc_port).to_string();
+    }
+    let telemetry = Telemetry::start(
+        "moge-gateway",
+        &args.telemetry,
+        args.host,
+        vec![KeyValue::new("service.instance.id", args.replica.clone())],
+    )
+    .await?;
+    let grpc_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.grpc_port)).await?;
+    let http_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.http_port)).await?;
     let drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
     let embedded = if args.router.is_empty() {
         let dir = match &args.checkpoint {
@@ -159,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The router describes the model; retry while it starts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.startup_timeout_seconds);
-    let description = loop {
+    let (description, _) = loop {
         upstreams.router.probe().await;
         let attempt = upstreams
             .router
@@ -213,6 +234,12 @@ async fn main() -> anyhow::Result<()> {
     }
     upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms));
 
+    let routing_mode = match moge_shared::proto::moge::v1::RoutingMode::try_from(description.default_mode) {
+        Ok(moge_shared::proto::moge::v1::RoutingMode::TopK) => "top-k",
+        Ok(moge_shared::proto::moge::v1::RoutingMode::GroupLimited) => "group-limited",
+        _ => "moge",
+    };
+    let metrics = Arc::new(GatewayMetrics::new(&upstreams, routing_mode.to_owned()));
     let limits = BatchLimits {
         max_batch_tokens: args.max_batch_tokens,
         max_queue_delay: Duration::from_micros(args.max_queue_delay_us),
@@ -223,11 +250,17 @@ async fn main() -> anyhow::Result<()> {
         layers: description.layers.clone(),
         shape,
         max_batch_tokens: args.max_batch_tokens,
-        batcher: Batcher::new(Arc::clone(&upstreams), shape, args.max_message_bytes, limits),
+        batcher: Batcher::new(
+            Arc::clone(&upstreams),
+            shape,
+            args.max_message_bytes,
+            limits,
+            Arc::clone(&metrics),
+        ),
         upstreams,
+        metrics,
     };
     let frontend = Arc::new(frontend);
-    let http_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.http_port)).await?;
     let http_address = http_listener.local_addr()?;
     let http_routes = http::router(Arc::clone(&frontend), args.max_message_bytes);
     let http_server = tokio::spawn(async move {
@@ -245,14 +278,13 @@ async fn main() -> anyhow::Result<()> {
     let service = GrpcInferenceServiceServer::new(KServe::new(frontend))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
-    let options = ServeOptions {
-        address: SocketAddr::new(args.host, args.grpc_port),
-        drain_timeout,
-    };
+    let rpc = RpcLayer::new(vec![KeyValue::new("replica", args.replica.clone())]);
     let served = serve_grpc(
-        options,
+        grpc_listener,
+        drain_timeout,
         tonic::service::Routes::new(service),
         "inference.GRPCInferenceService",
+        rpc,
     )
     .await;
     if tokio::time::timeout(drain_timeout, http_server).await.is_err() {
@@ -261,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(stack) = embedded {
         stack.stop().await;
     }
+    telemetry.shutdown();
     served?;
     Ok(())
 }

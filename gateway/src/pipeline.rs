@@ -2,6 +2,7 @@
 //! and the shared expert every row, in parallel, and sum the partials.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use moge_shared::DType;
@@ -9,7 +10,11 @@ use moge_shared::proto::moge::v1::expert_group_client::ExpertGroupClient;
 use moge_shared::proto::moge::v1::router_client::RouterClient;
 use moge_shared::proto::moge::v1::{ComputeRequest, DataType, RouteRequest, Tensor};
 use moge_shared::wire::{decode_f32s, decode_matrix, decode_u32s, encode_f32s, encode_u32s};
+use moge_telemetry::balance::{DeviceShare, SHARED_GROUP};
+use moge_telemetry::propagation::traced_request;
+use tracing::Instrument;
 
+use crate::metrics::BatchStats;
 use crate::upstream::{CallError, Upstreams};
 
 /// Sizes the gateway learned from the router at start.
@@ -80,14 +85,25 @@ fn tensor(dtype: DType, rows: usize, cols: usize, data: Bytes) -> Tensor {
     }
 }
 
+/// Returns the name of a `moge.v1.RoutingMode` value, as metrics label it.
+fn mode_name(mode: i32) -> &'static str {
+    match moge_shared::proto::moge::v1::RoutingMode::try_from(mode) {
+        Ok(moge_shared::proto::moge::v1::RoutingMode::Moge) => "moge",
+        Ok(moge_shared::proto::moge::v1::RoutingMode::TopK) => "top-k",
+        Ok(moge_shared::proto::moge::v1::RoutingMode::GroupLimited) => "group-limited",
+        _ => "unspecified",
+    }
+}
+
 /// Runs one layer on the deployment. Every group and the shared expert must
-/// respond, so a batch never gets a sum that lacks a group.
+/// respond, so a batch never gets a sum that lacks a group. Returns the
+/// result and the batch's statistics (with `requests` left at 1).
 pub async fn execute(
     upstreams: &Arc<Upstreams>,
     shape: Shape,
     max_message_bytes: usize,
     batch: LayerBatch,
-) -> Result<LayerResult, PipelineError> {
+) -> Result<(LayerResult, BatchStats), PipelineError> {
     let (tokens, h, k) = (batch.tokens, shape.hidden_size, shape.top_k);
     let row_bytes = h * batch.dtype.size();
 
@@ -98,16 +114,26 @@ pub async fn execute(
         mode: batch.mode,
         renormalize: None,
     };
-    let routed = upstreams
+    let route_started = Instant::now();
+    let span = tracing::info_span!(
+        "route",
+        otel.name = "moge.v1.Router/Route",
+        otel.kind = "client",
+        moge.layer = batch.layer,
+        moge.tokens = tokens,
+    );
+    let (routed, _) = upstreams
         .router
         .call(|channel| {
-            let route = route.clone();
+            let request = traced_request(route.clone());
             async move {
                 let mut client = RouterClient::new(channel).max_decoding_message_size(max_message_bytes);
-                client.route(route).await.map(tonic::Response::into_inner)
+                client.route(request).await.map(tonic::Response::into_inner)
             }
         })
+        .instrument(span)
         .await?;
+    let route_seconds = route_started.elapsed().as_secs_f64();
     let expert_ids = decode_u32s("expert_ids", &routed.expert_ids).map_err(|e| protocol("router", e))?;
     let expert_weights = decode_f32s("expert_weights", &routed.expert_weights).map_err(|e| protocol("router", e))?;
     if expert_ids.len() != tokens * k || expert_weights.len() != tokens * k {
@@ -142,11 +168,14 @@ pub async fn execute(
     }
 
     // Stage 3: every group with rows and the shared expert, in parallel.
+    let experts_started = Instant::now();
     let mut calls = tokio::task::JoinSet::new();
+    let mut assignment_counts = vec![0u64; shape.num_groups];
     for (group, (rows, (local_rows, experts, weights))) in group_rows.iter().zip(group_assignments).enumerate() {
         if rows.is_empty() {
             continue;
         }
+        assignment_counts[group] = experts.len() as u64;
         let mut hidden = Vec::with_capacity(rows.len() * row_bytes);
         for &row in rows {
             let start = row as usize * row_bytes;
@@ -159,25 +188,50 @@ pub async fn execute(
             experts: encode_u32s(&experts),
             weights: encode_f32s(&weights),
         };
-        calls.spawn(compute(Arc::clone(upstreams), Some(group), request, max_message_bytes));
+        let span = compute_span(Some(group), rows.len());
+        calls.spawn(compute(Arc::clone(upstreams), Some(group), request, max_message_bytes).instrument(span));
     }
     let shared = ComputeRequest {
         layer: batch.layer,
         hidden_states: Some(tensor(batch.dtype, tokens, h, batch.hidden.clone())),
         ..Default::default()
     };
-    calls.spawn(compute(Arc::clone(upstreams), None, shared, max_message_bytes));
+    calls.spawn(compute(Arc::clone(upstreams), None, shared, max_message_bytes).instrument(compute_span(None, tokens)));
 
     let mut partials: Vec<Option<Vec<f32>>> = vec![None; shape.num_groups];
     let mut shared_output = None;
+    let mut shares = Vec::with_capacity(shape.num_groups + 1);
+    let (mut first_group_done, mut last_group_done) = (None, None);
     while let Some(joined) = calls.join_next().await {
-        let (group, output) =
+        let (group, output, replica) =
             joined.map_err(|error| protocol("gateway", format!("expert call task failed: {error}")))??;
         match group {
-            Some(group) => partials[group] = Some(output),
-            None => shared_output = Some(output),
+            Some(group) => {
+                let now = Instant::now();
+                first_group_done.get_or_insert(now);
+                last_group_done = Some(now);
+                shares.push(DeviceShare {
+                    group: group.to_string(),
+                    replica: replica.to_string(),
+                    assignments: assignment_counts[group],
+                });
+                partials[group] = Some(output);
+            }
+            None => {
+                shares.push(DeviceShare {
+                    group: SHARED_GROUP.to_owned(),
+                    replica: replica.to_string(),
+                    assignments: tokens as u64,
+                });
+                shared_output = Some(output);
+            }
         }
     }
+    let experts_seconds = experts_started.elapsed().as_secs_f64();
+    let straggler_gap_seconds = match (first_group_done, last_group_done) {
+        (Some(first), Some(last)) => (last - first).as_secs_f64(),
+        _ => 0.0,
+    };
 
     // Stage 4: the shared expert, then each group's partial in group order,
     // only on the rows the group computed, as the in-process layer sums.
@@ -205,26 +259,53 @@ pub async fn execute(
             }
         }
     }
-    Ok(LayerResult {
+    let stats = BatchStats {
+        layer: batch.layer,
+        mode: mode_name(routed.mode),
+        tokens,
+        requests: 1,
+        route_seconds,
+        experts_seconds,
+        straggler_gap_seconds,
+        imbalance_score: routed.imbalance_score,
+        shares,
+    };
+    let result = LayerResult {
         output,
         expert_ids,
         expert_weights,
-    })
+    };
+    Ok((result, stats))
 }
 
+/// The client span of one expert call: a group's, or the shared expert's.
+fn compute_span(group: Option<usize>, rows: usize) -> tracing::Span {
+    let group = group.map_or_else(|| SHARED_GROUP.to_owned(), |group| group.to_string());
+    tracing::info_span!(
+        "compute",
+        otel.name = "moge.v1.ExpertGroup/Compute",
+        otel.kind = "client",
+        moge.group = %group,
+        moge.tokens = rows,
+        moge.replica = tracing::field::Empty,
+    )
+}
+
+/// Calls one group, or the shared expert with `group` None. Returns the
+/// group, its output and the name of the replica that computed it.
 async fn compute(
     upstreams: Arc<Upstreams>,
     group: Option<usize>,
     request: ComputeRequest,
     max_message_bytes: usize,
-) -> Result<(Option<usize>, Vec<f32>), PipelineError> {
+) -> Result<(Option<usize>, Vec<f32>, Arc<str>), PipelineError> {
     let pool = match group {
         Some(group) => &upstreams.groups[group],
         None => &upstreams.shared_expert,
     };
-    let reply = pool
+    let (reply, replica) = pool
         .call(|channel| {
-            let request = request.clone();
+            let request = traced_request(request.clone());
             async move {
                 let mut client = ExpertGroupClient::new(channel)
                     .max_decoding_message_size(max_message_bytes)
@@ -236,5 +317,7 @@ async fn compute(
     let tensor = reply.output.ok_or_else(|| protocol(&pool.name, "missing output"))?;
     let width = tensor.shape.get(1).copied().unwrap_or(0) as usize;
     let (_, values) = decode_matrix("output", &tensor, width).map_err(|error| protocol(&pool.name, error))?;
-    Ok((group, values))
+    let replica = replica.name();
+    tracing::Span::current().record("moge.replica", &*replica);
+    Ok((group, values, replica))
 }

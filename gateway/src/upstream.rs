@@ -1,8 +1,8 @@
 //! Connections to the router, every expert group and the shared expert,
 //! with replica failover and a background health probe.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use moge_shared::proto::moge::v1::host_client::HostClient;
@@ -24,6 +24,8 @@ pub struct Replica {
     /// Whether the replica hosts what the pool expects: [`UNVERIFIED`],
     /// [`VERIFIED`] or [`MISMATCHED`].
     identity: AtomicU8,
+    /// Name the replica reports (`--replica`), or the URL until it was described.
+    name: Mutex<Arc<str>>,
 }
 
 const UNVERIFIED: u8 = 0;
@@ -82,6 +84,7 @@ impl Pool {
                     ready: AtomicBool::new(false),
                     inflight: AtomicUsize::new(0),
                     identity: AtomicU8::new(UNVERIFIED),
+                    name: Mutex::new(Arc::from(url.as_str())),
                 })
             })
             .collect::<Result<Vec<_>, AddressError>>()?;
@@ -122,6 +125,11 @@ impl Pool {
         self.replicas.iter().any(Replica::is_ready)
     }
 
+    /// Returns how many replicas passed their last health check.
+    pub fn ready_replicas(&self) -> usize {
+        self.replicas.iter().filter(|replica| replica.is_ready()).count()
+    }
+
     /// Checks every replica's health once.
     pub async fn probe(&self) {
         for replica in &self.replicas {
@@ -158,6 +166,9 @@ impl Pool {
             group: description.group,
         };
         if found == self.identity {
+            if !description.replica.is_empty() {
+                *replica.name.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::from(description.replica);
+            }
             replica.identity.store(VERIFIED, Ordering::Relaxed);
             return true;
         }
@@ -190,6 +201,11 @@ impl Pool {
 impl Replica {
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Name the replica reports, for metrics and the balance report.
+    pub fn name(&self) -> Arc<str> {
+        Arc::clone(&self.name.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 }
 
@@ -263,8 +279,9 @@ pub enum CallError {
 
 impl Pool {
     /// Calls `call` on one replica after another until one succeeds or
-    /// fails with an error another replica would share.
-    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, CallError>
+    /// fails with an error another replica would share. Returns the result
+    /// and the replica that produced it.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<(T, &Replica), CallError>
     where
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
@@ -275,7 +292,7 @@ impl Pool {
             let result = call(replica.channel.clone()).await;
             replica.inflight.fetch_sub(1, Ordering::Relaxed);
             match result {
-                Ok(value) => return Ok(value),
+                Ok(value) => return Ok((value, replica)),
                 Err(status) if is_retryable(status.code()) => {
                     self.mark_failed(replica, &status);
                     last = format!("{}: {}", replica.url, status.message());

@@ -3,7 +3,6 @@
 mod inspect;
 mod run;
 
-use std::io::IsTerminal;
 use std::ops::Range;
 use std::path::PathBuf;
 
@@ -91,14 +90,7 @@ fn parse_layers(text: &str) -> Result<Range<usize>, String> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    moge_telemetry::init_logging();
     match Cli::parse().command {
         Command::Generate(args) => generate(args),
         Command::Inspect { dir, tensors } => inspect::inspect(&dir, tensors),

@@ -2,6 +2,7 @@
 //! tensors of one or more layers. The `moge-router` binary serves it alone;
 //! the gateway's embedded mode serves it in its own process.
 
+mod metrics;
 mod service;
 
 use moge_shared::proto::moge::v1::host_server::HostServer;

@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use moge_shared::RoutingMode;
-use moge_shared::service::{init_tracing, serve_grpc};
+use moge_shared::service::serve_grpc;
 use moge_shared::settings::{ModelArgs, ServerArgs};
+use moge_telemetry::{RpcLayer, Telemetry, TelemetryArgs};
+use opentelemetry::KeyValue;
 
 use moge_router::{RouterService, routes};
 
@@ -24,14 +26,18 @@ struct Args {
     routing: RoutingMode,
     #[command(flatten)]
     server: ServerArgs,
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
     let args = moge_shared::settings::parse::<Args>();
+    let telemetry = Telemetry::start("moge-router", &args.telemetry, args.server.host, args.server.instance()).await?;
+    let listener = args.server.bind().await?;
+    let replica = args.server.replica_name(listener.local_addr()?);
     let (checkpoint, layers) = args.model.open()?;
-    let service = RouterService::load(&checkpoint, &layers, args.routing, args.server.replica.clone())?;
+    let service = RouterService::load(&checkpoint, &layers, args.routing, replica.clone())?;
     tracing::info!(
         checkpoint = %args.model.checkpoint.display(),
         layers = ?layers,
@@ -40,11 +46,21 @@ async fn main() -> anyhow::Result<()> {
         groups = checkpoint.config().num_groups(),
         top_k = checkpoint.config().num_experts_per_tok,
         max_message_bytes = args.server.max_message_bytes,
+        replica = %replica,
         "router weights loaded"
     );
 
     let routes = routes(service, args.server.max_message_bytes);
-    let options = args.server.serve_options();
-    serve_grpc(options, routes, moge_router::SERVICE_NAME).await?;
+    let rpc = RpcLayer::new(vec![KeyValue::new("replica", replica)]);
+    let served = serve_grpc(
+        listener,
+        args.server.drain_timeout(),
+        routes,
+        moge_router::SERVICE_NAME,
+        rpc,
+    )
+    .await;
+    telemetry.shutdown();
+    served?;
     Ok(())
 }

@@ -13,6 +13,8 @@ use moge_shared::wire::{self, encode_f32s, encode_u32s};
 use moge_shared::{RoutingMode, RoutingOptions};
 use tonic::{Request, Response, Status};
 
+use crate::metrics::RouterMetrics;
+
 /// Router weights of the hosted layers, shared by all request tasks.
 #[derive(Clone)]
 pub struct RouterService {
@@ -28,6 +30,7 @@ struct Inner {
     top_k: usize,
     hidden_size: usize,
     replica: String,
+    metrics: RouterMetrics,
 }
 
 impl RouterService {
@@ -52,6 +55,7 @@ impl RouterService {
                 num_groups: config.num_groups(),
                 top_k: config.num_experts_per_tok,
                 hidden_size: config.hidden_size,
+                metrics: RouterMetrics::new(default_mode.as_str(), &replica),
                 replica,
             }),
         })
@@ -97,6 +101,9 @@ impl wire_v1::router_server::Router for RouterService {
             .ok_or_else(|| Status::invalid_argument("hidden_states: missing, expected a [T, H] tensor"))?;
         let (tokens, hidden) = wire::decode_matrix("hidden_states", &tensor, inner.hidden_size)
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        let span = tracing::Span::current();
+        span.record("moge.layer", layer);
+        span.record("moge.tokens", tokens);
         let options = RoutingOptions {
             mode,
             renormalize: request.renormalize.unwrap_or(inner.renormalize),
@@ -111,13 +118,21 @@ impl wire_v1::router_server::Router for RouterService {
                 RoutingError::NonFiniteLogit { .. } => Status::invalid_argument(format!("hidden_states: {error}")),
                 other => Status::internal(other.to_string()),
             })?;
-        tracing::debug!(layer, tokens, mode = %mode, "routed");
+        let imbalance_score = routing.imbalance_score_per_group();
+        inner.metrics.record(
+            layer,
+            mode.as_str(),
+            tokens,
+            imbalance_score,
+            &routing.group_assignments,
+        );
+        tracing::debug!(layer, tokens, mode = %mode, imbalance_score, "routed");
         Ok(Response::new(RouteResponse {
             tokens: tokens as u32,
             top_k: routing.top_k as u32,
             expert_ids: encode_u32s(&routing.expert_ids),
             expert_weights: encode_f32s(&routing.expert_weights),
-            imbalance_score: routing.imbalance_score_per_group(),
+            imbalance_score,
             group_assignments: routing.group_assignments,
             mode: wire_mode(mode) as i32,
         }))
@@ -143,6 +158,7 @@ impl wire_v1::host_server::Host for RouterService {
             num_groups: inner.num_groups as u32,
             top_k: inner.top_k as u32,
             replica: inner.replica.clone(),
+            default_mode: wire_mode(inner.default_mode) as i32,
         }))
     }
 }

@@ -1,21 +1,6 @@
-//! Process plumbing every service binary shares: logging set-up and the
-//! shutdown signal.
-
-use std::io::IsTerminal;
-
-/// Installs the `tracing` subscriber: human-readable lines on standard
-/// error, filtered by `RUST_LOG` (default `info`), coloured only on a
-/// terminal.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // A second call, as in tests that start several services, keeps the first.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
-}
+//! Process plumbing every service binary shares: the shutdown signal and
+//! gRPC serving with health checking, reflection, call telemetry and a
+//! bounded drain.
 
 /// Completes on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C) and
 /// returns the signal's name.
@@ -38,15 +23,6 @@ pub async fn shutdown_signal() -> &'static str {
         let _ = tokio::signal::ctrl_c().await;
         "Ctrl-C"
     }
-}
-
-/// Listening address and drain timeout of a gRPC service.
-#[derive(Clone, Debug)]
-pub struct ServeOptions {
-    /// Address to bind; port 0 picks a free port.
-    pub address: std::net::SocketAddr,
-    /// Time in-flight requests get to finish after the shutdown signal.
-    pub drain_timeout: std::time::Duration,
 }
 
 /// A failure to start or run a gRPC server.
@@ -75,21 +51,22 @@ pub async fn bind(address: std::net::SocketAddr) -> Result<tokio::net::TcpListen
         .map_err(|source| ServeError::Bind { address, source })
 }
 
-/// Serves `routes` plus `grpc.health.v1` and server reflection until
-/// SIGTERM or SIGINT; see [`serve_grpc_until`].
+/// Serves `routes` on `listener` until SIGTERM or SIGINT; see
+/// [`serve_grpc_until`].
 pub async fn serve_grpc(
-    options: ServeOptions,
+    listener: tokio::net::TcpListener,
+    drain_timeout: std::time::Duration,
     routes: tonic::service::Routes,
     service_name: &str,
+    rpc: moge_telemetry::RpcLayer,
 ) -> Result<(), ServeError> {
-    let listener = bind(options.address).await?;
-    serve_grpc_until(listener, options.drain_timeout, routes, service_name, shutdown_signal()).await
+    serve_grpc_until(listener, drain_timeout, routes, service_name, rpc, shutdown_signal()).await
 }
 
 /// Serves `routes` plus `grpc.health.v1` and server reflection on
 /// `listener` until `shutdown` completes, then marks `service_name`
 /// NOT_SERVING, stops accepting connections and waits up to `drain_timeout`
-/// for in-flight requests.
+/// for in-flight requests. `rpc` adds a span and a duration point per call.
 ///
 /// Logs "listening" with the bound `address` once serving starts.
 pub async fn serve_grpc_until(
@@ -97,6 +74,7 @@ pub async fn serve_grpc_until(
     drain_timeout: std::time::Duration,
     routes: tonic::service::Routes,
     service_name: &str,
+    rpc: moge_telemetry::RpcLayer,
     shutdown: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), ServeError> {
     use tonic_health::ServingStatus;
@@ -116,6 +94,7 @@ pub async fn serve_grpc_until(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(rpc)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;

@@ -93,11 +93,35 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
-    /// Listening address and drain timeout.
-    pub fn serve_options(&self) -> crate::service::ServeOptions {
-        crate::service::ServeOptions {
-            address: std::net::SocketAddr::new(self.host, self.grpc_port),
-            drain_timeout: std::time::Duration::from_secs(self.drain_timeout_seconds),
+    /// Binds the gRPC port. Services bind before they load weights, so that
+    /// a port in use fails at once and the replica name can use the port.
+    pub async fn bind(&self) -> Result<tokio::net::TcpListener, crate::service::ServeError> {
+        crate::service::bind(std::net::SocketAddr::new(self.host, self.grpc_port)).await
+    }
+
+    /// Time in-flight requests get after SIGTERM.
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_timeout_seconds)
+    }
+
+    /// Resource attributes of the process for telemetry: the replica name,
+    /// or else the configured `HOST:PORT`.
+    pub fn instance(&self) -> Vec<opentelemetry::KeyValue> {
+        let name = if self.replica.is_empty() {
+            std::net::SocketAddr::new(self.host, self.grpc_port).to_string()
+        } else {
+            self.replica.clone()
+        };
+        vec![opentelemetry::KeyValue::new("service.instance.id", name)]
+    }
+
+    /// Returns `--replica`, or else `HOST:PORT` of the bound `address`, which
+    /// names the replica in metrics and in `moge.v1.Host/Describe`.
+    pub fn replica_name(&self, address: std::net::SocketAddr) -> String {
+        if self.replica.is_empty() {
+            address.to_string()
+        } else {
+            self.replica.clone()
         }
     }
 }

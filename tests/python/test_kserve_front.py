@@ -45,7 +45,7 @@ class Service:
             [str(binary), *args],
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "RUST_LOG": "info"},
+            env={**os.environ, "RUST_LOG": "info", "MOGE_METRICS_PORT": "0"},
         )
         self.log: list[str] = []
         self.addresses: dict[str, str] = {}

@@ -43,6 +43,8 @@ impl ServiceProcess {
         let mut child = std::process::Command::new(path)
             .args(args)
             .env("RUST_LOG", "info")
+            // Every service would take the default metrics port 8002 otherwise.
+            .env("MOGE_METRICS_PORT", "0")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("the service starts");
