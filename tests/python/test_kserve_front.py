@@ -8,10 +8,6 @@ with the tolerances of test_layer_reference.py.
 from __future__ import annotations
 
 import json
-import os
-import queue
-import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,85 +22,19 @@ from tritonclient.utils import InferenceServerException
 
 import moge_reference as ref
 from conftest import REPO_ROOT, GeneratedCheckpoint
+from stack import Stack
 
-START_TIMEOUT_SECONDS = 60
-STOP_TIMEOUT_SECONDS = 20
 OUTPUT_TOLERANCE = {"FP32": 1e-5, "FP16": 2e-3, "BF16": 1e-2}
 NUMPY_DTYPE = {"FP32": np.float32, "FP16": np.float16, "BF16": ml_dtypes.bfloat16}
 REFERENCE_DTYPE = {"FP32": "F32", "FP16": "F16", "BF16": "BF16"}
 
 
-class Service:
-    """One moge-serve binary started on free loopback ports, stopped with SIGTERM."""
-
-    def __init__(self, name: str, args: list[str], services: tuple[str, ...]):
-        binary = Path(os.environ.get(f"MOGE_{name.upper().replace('-', '_')}", REPO_ROOT / "target" / "release" / name))
-        if not binary.is_file():
-            pytest.fail(f"{name} not found at {binary}; build it with `cargo build --release`", pytrace=False)
-        self.process = subprocess.Popen(
-            [str(binary), *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "RUST_LOG": "info", "MOGE_METRICS_PORT": "0"},
-        )
-        self.log: list[str] = []
-        self.addresses: dict[str, str] = {}
-        lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in self.process.stderr], daemon=True).start()
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not all(service in self.addresses for service in services):
-            try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                self.process.kill()
-                pytest.fail(f"{name} did not log where it listens in time:\n" + "".join(self.log))
-            self.log.append(line)
-            if "listening" in line:
-                address = next(field.split("=", 1)[1] for field in line.split() if field.startswith("address="))
-                service = next(field.split("=", 1)[1].strip('"') for field in line.split() if field.startswith("service="))
-                self.addresses[service] = address
-
-    def stop(self) -> int:
-        self.process.terminate()
-        return self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-
-
-class Gateway:
+class Gateway(Stack):
     """The deployment as separate processes: router, eight expert groups
     (group 0 with two replicas), the shared expert and the gateway."""
 
     def __init__(self, checkpoint: Path):
-        common = ["--checkpoint", str(checkpoint), "--grpc-port", "0"]
-        self.parts = [Service("moge-router", common, ("moge.v1.Router",))]
-        router = self.parts[0].addresses["moge.v1.Router"]
-        groups = []
-        for group in range(8):
-            replicas = []
-            for _ in range(2 if group == 0 else 1):
-                expert = Service("moge-expert", [*common, "--group", str(group), "--compute-threads", "1"], ("moge.v1.ExpertGroup",))
-                self.parts.append(expert)
-                replicas.append("http://" + expert.addresses["moge.v1.ExpertGroup"])
-            groups += ["--group", ",".join(replicas)]
-        shared = Service("moge-expert", [*common, "--shared-expert"], ("moge.v1.ExpertGroup",))
-        self.parts.append(shared)
-        self.gateway = Service(
-            "moge-gateway",
-            [
-                "--grpc-port", "0", "--http-port", "0",
-                "--router", f"http://{router}",
-                "--shared-expert", "http://" + shared.addresses["moge.v1.ExpertGroup"],
-                *groups,
-            ],
-            ("inference.GRPCInferenceService", "kserve-http"),
-        )
-        self.url = self.gateway.addresses["inference.GRPCInferenceService"]
-        self.http_url = "http://" + self.gateway.addresses["kserve-http"]
-
-    def stop(self) -> int:
-        status = self.gateway.stop()
-        for part in self.parts:
-            part.stop()
-        return status
+        super().__init__(checkpoint, groups=8, replicas={0: 2})
 
 
 @pytest.fixture(scope="module")
