@@ -134,3 +134,75 @@ pub fn generate_small(dir: &std::path::Path) {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// Time a service of [`start_stack`] gets to log "listening".
+pub const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The deployment as separate processes, each killed when dropped.
+pub struct Stack {
+    /// The router.
+    pub router: ServiceProcess,
+    /// Replicas of each expert group, in group order.
+    pub groups: Vec<Vec<ServiceProcess>>,
+    /// The shared expert.
+    pub shared: ServiceProcess,
+    /// The gateway; its `address` is the KServe gRPC port.
+    pub gateway: ServiceProcess,
+}
+
+/// Starts the router, eight expert groups (group 0 with two replicas), the
+/// shared expert and a gateway in front of them, on the checkpoint `ckpt`,
+/// all on free loopback ports. `extra` is appended to every command line.
+pub fn start_stack(ckpt: &str, extra: &[&str]) -> Stack {
+    let expert = |args: &[&str]| {
+        let mut all = vec!["--checkpoint", ckpt, "--grpc-port", "0", "--compute-threads", "1"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(extra);
+        ServiceProcess::start("moge-expert", &all, START_TIMEOUT)
+    };
+    let mut router_args = vec!["--checkpoint", ckpt, "--grpc-port", "0"];
+    router_args.extend_from_slice(extra);
+    let router = ServiceProcess::start("moge-router", &router_args, START_TIMEOUT);
+    let groups: Vec<Vec<ServiceProcess>> = (0..8)
+        .map(|group| {
+            let replicas = if group == 0 { 2 } else { 1 };
+            (0..replicas)
+                .map(|_| expert(&["--group", &group.to_string()]))
+                .collect()
+        })
+        .collect();
+    let shared = expert(&["--shared-expert"]);
+    let url = |process: &ServiceProcess| format!("http://{}", process.address);
+    let mut args: Vec<String> = [
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--probe-interval-ms",
+        "100",
+        "--max-queue-delay-us",
+        "2000",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .map(str::to_owned)
+    .collect();
+    args.extend([
+        "--router".to_owned(),
+        url(&router),
+        "--shared-expert".to_owned(),
+        url(&shared),
+    ]);
+    for replicas in &groups {
+        args.push("--group".to_owned());
+        args.push(replicas.iter().map(url).collect::<Vec<_>>().join(","));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gateway = ServiceProcess::start_serving("moge-gateway", &args, START_TIMEOUT, "inference.GRPCInferenceService");
+    Stack {
+        router,
+        groups,
+        shared,
+        gateway,
+    }
+}

@@ -12,66 +12,8 @@ use moge_shared::proto::inference::model_infer_request::{InferInputTensor, Infer
 use moge_shared::proto::inference::{InferParameter, ModelInferRequest, ServerReadyRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
-use moge_tests::{ServiceProcess, generate_small};
+use moge_tests::{START_TIMEOUT, ServiceProcess, generate_small, start_stack};
 use tonic::transport::Channel;
-
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-
-struct Stack {
-    router: ServiceProcess,
-    groups: Vec<Vec<ServiceProcess>>,
-    shared: ServiceProcess,
-    gateway: ServiceProcess,
-}
-
-fn start_stack(ckpt: &str) -> Stack {
-    let expert = |extra: &[&str]| {
-        let mut args = vec!["--checkpoint", ckpt, "--grpc-port", "0", "--compute-threads", "1"];
-        args.extend_from_slice(extra);
-        ServiceProcess::start("moge-expert", &args, START_TIMEOUT)
-    };
-    let router = ServiceProcess::start(
-        "moge-router",
-        &["--checkpoint", ckpt, "--grpc-port", "0"],
-        START_TIMEOUT,
-    );
-    let groups: Vec<Vec<ServiceProcess>> = (0..8)
-        .map(|group| {
-            let replicas = if group == 0 { 2 } else { 1 };
-            (0..replicas)
-                .map(|_| expert(&["--group", &group.to_string()]))
-                .collect()
-        })
-        .collect();
-    let shared = expert(&["--shared-expert"]);
-    let url = |process: &ServiceProcess| format!("http://{}", process.address);
-    let mut args = vec![
-        "--grpc-port".to_owned(),
-        "0".to_owned(),
-        "--http-port".to_owned(),
-        "0".to_owned(),
-        "--router".to_owned(),
-        url(&router),
-        "--shared-expert".to_owned(),
-        url(&shared),
-        "--probe-interval-ms".to_owned(),
-        "100".to_owned(),
-        "--max-queue-delay-us".to_owned(),
-        "2000".to_owned(),
-    ];
-    for replicas in &groups {
-        args.push("--group".to_owned());
-        args.push(replicas.iter().map(url).collect::<Vec<_>>().join(","));
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let gateway = ServiceProcess::start_serving("moge-gateway", &args, START_TIMEOUT, "inference.GRPCInferenceService");
-    Stack {
-        router,
-        groups,
-        shared,
-        gateway,
-    }
-}
 
 fn hidden_states(tokens: usize, seed: usize) -> Vec<f32> {
     (0..tokens * 512)
@@ -132,7 +74,7 @@ async fn wait_ready(client: &mut GrpcInferenceServiceClient<Channel>, ready: boo
 async fn split_stack_matches_in_process_bitwise() {
     let dir = tempfile::tempdir().unwrap();
     generate_small(dir.path());
-    let mut stack = start_stack(dir.path().to_str().unwrap());
+    let mut stack = start_stack(dir.path().to_str().unwrap(), &[]);
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
         .await
         .unwrap();
@@ -240,7 +182,7 @@ async fn split_stack_matches_in_process_bitwise() {
 async fn gateway_rejects_bad_requests_by_field() {
     let dir = tempfile::tempdir().unwrap();
     generate_small(dir.path());
-    let stack = start_stack(dir.path().to_str().unwrap());
+    let stack = start_stack(dir.path().to_str().unwrap(), &[]);
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
         .await
         .unwrap();
