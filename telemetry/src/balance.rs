@@ -90,9 +90,9 @@ struct Counted {
 }
 
 impl Counted {
-    fn new() -> Counted {
+    fn new(start: Instant) -> Counted {
         Counted {
-            window: Window::new(Window::MINUTE),
+            window: Window::starting_at(start, Window::MINUTE),
             total: 0,
         }
     }
@@ -116,6 +116,8 @@ type DeviceKey = ((u64, String), String);
 /// Collects the loads of every batch and builds the report.
 #[derive(Debug)]
 pub struct BalanceTracker {
+    /// Start of every window, so that rates of devices seen late compare.
+    start: Instant,
     routing_mode: String,
     groups: Vec<String>,
     devices: Mutex<BTreeMap<DeviceKey, Counted>>,
@@ -140,6 +142,7 @@ impl BalanceTracker {
         let mut groups: Vec<String> = (0..num_groups).map(|group| group.to_string()).collect();
         groups.push(SHARED_GROUP.to_owned());
         BalanceTracker {
+            start: Instant::now(),
             routing_mode,
             groups,
             devices: Mutex::new(BTreeMap::new()),
@@ -155,15 +158,15 @@ impl BalanceTracker {
             let mut devices = self.devices.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             for share in shares {
                 let key = (group_order(&share.group), share.replica.clone());
-                let device = devices.entry(key).or_insert_with(Counted::new);
+                let device = devices.entry(key).or_insert_with(|| Counted::new(self.start));
                 device.window.record_at(now, share.assignments as f64);
                 device.total += share.assignments;
             }
         }
         let mut modes = self.modes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let stats = modes.entry(mode.to_owned()).or_insert_with(|| ModeStats {
-            imbalance: Window::new(Window::MINUTE),
-            straggler: Window::new(Window::MINUTE),
+            imbalance: Window::starting_at(self.start, Window::MINUTE),
+            straggler: Window::starting_at(self.start, Window::MINUTE),
             total: 0,
         });
         stats.imbalance.record_at(now, imbalance_score);

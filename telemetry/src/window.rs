@@ -66,9 +66,15 @@ impl Window {
 
     /// Creates an empty window of `length`, rounded up to whole seconds.
     pub fn new(length: Duration) -> Window {
+        Window::starting_at(Instant::now(), length)
+    }
+
+    /// Creates an empty window whose time starts at `start`; windows with
+    /// the same start cover the same seconds, so their rates compare.
+    pub fn starting_at(start: Instant, length: Duration) -> Window {
         let seconds = length.as_secs().max(1) + u64::from(length.subsec_nanos() > 0);
         Window {
-            start: Instant::now(),
+            start,
             buckets: Mutex::new(vec![Bucket::default(); seconds as usize]),
         }
     }

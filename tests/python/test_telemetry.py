@@ -25,7 +25,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import REPO_ROOT, MogeCkpt
-from stack import Stack
+from stack import Stack, binary_path
 
 GROUPS = 8
 EXPERTS_PER_GROUP = 8
@@ -293,3 +293,21 @@ def test_alert_rules_use_only_exported_metrics(stack: Stack, load: dict[int, dic
     exported = exported_names(stack)
 
     assert referenced <= exported, f"not exported: {sorted(referenced - exported)}"
+
+
+def test_balance_command_prints_every_device(stack: Stack, load: dict[int, dict]):
+    process = subprocess.run(
+        [str(binary_path("moge-ctl")), "balance", "--gateway", stack.http_url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert process.returncode == 0, process.stderr
+    rows = {line.split()[0]: line.split() for line in process.stdout.splitlines() if line[:1].isdigit()}
+    assert sorted(rows) == [str(group) for group in range(GROUPS)]
+    expected = load[0]["per_group"] + load[1]["per_group"]
+    for group, row in rows.items():
+        assert int(row[3]) == expected[int(group)], f"total of group {group}: {row}"
+    assert "top-k" in process.stdout
+    assert "default routing mode: moge" in process.stdout
