@@ -265,6 +265,12 @@ async fn main() -> anyhow::Result<()> {
     let http_routes = http::router(Arc::clone(&frontend), args.max_message_bytes);
     let http_server = tokio::spawn(async move {
         tracing::info!(address = %http_address, service = "kserve-http", "listening");
+        use axum::serve::ListenerExt;
+        let http_listener = http_listener.tap_io(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::warn!(%error, "failed to set TCP_NODELAY on an HTTP connection");
+            }
+        });
         let served = axum::serve(http_listener, http_routes)
             .with_graceful_shutdown(async {
                 moge_shared::service::shutdown_signal().await;

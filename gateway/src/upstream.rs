@@ -77,7 +77,11 @@ impl Pool {
                     url: url.clone(),
                     source,
                 })?;
-                let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
+                let endpoint = endpoint
+                    .connect_timeout(Duration::from_secs(2))
+                    .tcp_nodelay(true)
+                    .initial_stream_window_size(moge_shared::service::HTTP2_STREAM_WINDOW_BYTES)
+                    .initial_connection_window_size(moge_shared::service::HTTP2_CONNECTION_WINDOW_BYTES);
                 Ok(Replica {
                     url: url.clone(),
                     channel: endpoint.connect_lazy(),
