@@ -23,8 +23,16 @@ use crate::upstream::{CallError, Upstreams};
 pub const INPUT: &str = "hidden_states";
 /// Names of the outputs, in the order model metadata lists them.
 pub const OUTPUTS: [&str; 3] = ["output", "expert_ids", "expert_weights"];
-/// Request parameters that Triton clients may send and the gateway ignores.
-const IGNORED_PARAMETERS: [&str; 5] = ["priority", "timeout", "sequence_id", "sequence_start", "sequence_end"];
+/// Request parameters that Triton clients may send and the gateway ignores;
+/// Triton's perf_analyzer sends `triton_enable_empty_final_response`.
+const IGNORED_PARAMETERS: [&str; 6] = [
+    "priority",
+    "timeout",
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "triton_enable_empty_final_response",
+];
 
 /// The served model and the machinery behind it.
 pub struct Frontend {
