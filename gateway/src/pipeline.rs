@@ -176,14 +176,20 @@ pub async fn execute(
             continue;
         }
         assignment_counts[group] = experts.len() as u64;
-        let mut hidden = Vec::with_capacity(rows.len() * row_bytes);
-        for &row in rows {
-            let start = row as usize * row_bytes;
-            hidden.extend_from_slice(&batch.hidden[start..start + row_bytes]);
-        }
+        // Under MoGE every group gets every row: send the batch's bytes as they are.
+        let hidden = if rows.len() == tokens {
+            batch.hidden.clone()
+        } else {
+            let mut gathered = Vec::with_capacity(rows.len() * row_bytes);
+            for &row in rows {
+                let start = row as usize * row_bytes;
+                gathered.extend_from_slice(&batch.hidden[start..start + row_bytes]);
+            }
+            Bytes::from(gathered)
+        };
         let request = ComputeRequest {
             layer: batch.layer,
-            hidden_states: Some(tensor(batch.dtype, rows.len(), h, hidden.into())),
+            hidden_states: Some(tensor(batch.dtype, rows.len(), h, hidden)),
             rows: encode_u32s(&local_rows),
             experts: encode_u32s(&experts),
             weights: encode_f32s(&weights),
