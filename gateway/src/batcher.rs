@@ -185,7 +185,7 @@ impl Batcher {
             self.metrics.record_queue((started - pending.enqueued).as_secs_f64());
         }
         // The batch continues the trace of its first request and links the others.
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             parent: &batch[0].span,
             "batch",
             otel.name = "moge.batch",

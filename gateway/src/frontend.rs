@@ -201,7 +201,7 @@ impl Frontend {
         work: impl Future<Output = Result<T, Status>>,
     ) -> Result<T, Status> {
         let started = Instant::now();
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "infer",
             otel.name = "moge.infer",
             moge.protocol = protocol,

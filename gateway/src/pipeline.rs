@@ -115,7 +115,7 @@ pub async fn execute(
         renormalize: None,
     };
     let route_started = Instant::now();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "route",
         otel.name = "moge.v1.Router/Route",
         otel.kind = "client",
@@ -287,7 +287,7 @@ pub async fn execute(
 /// The client span of one expert call: a group's, or the shared expert's.
 fn compute_span(group: Option<usize>, rows: usize) -> tracing::Span {
     let group = group.map_or_else(|| SHARED_GROUP.to_owned(), |group| group.to_string());
-    tracing::info_span!(
+    tracing::debug_span!(
         "compute",
         otel.name = "moge.v1.ExpertGroup/Compute",
         otel.kind = "client",

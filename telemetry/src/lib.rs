@@ -23,6 +23,7 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -85,9 +86,24 @@ pub fn meter() -> opentelemetry::metrics::Meter {
 /// terminal. For command-line tools; services call [`Telemetry::start`].
 pub fn init_logging() {
     let _ = tracing_subscriber::registry()
-        .with(log_filter())
-        .with(log_lines())
+        .with(log_lines().with_filter(log_filter()))
         .try_init();
+}
+
+/// What traces record: the services' request spans, which are at `debug`
+/// so that they cost nothing while traces are off, and `info` elsewhere.
+fn trace_filter() -> tracing_subscriber::filter::Targets {
+    let ours = [
+        "moge_telemetry",
+        "moge_gateway",
+        "moge_router",
+        "moge_expert",
+        "moge_shared",
+    ];
+    ours.iter().fold(
+        tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO),
+        |filter, target| filter.with_target(*target, tracing::Level::DEBUG),
+    )
 }
 
 /// `RUST_LOG`, else `info` with the OpenTelemetry SDK's own notices at `warn`.
@@ -157,10 +173,10 @@ impl Telemetry {
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer(SCOPE))
                 .with_tracked_inactivity(false)
+                .with_filter(trace_filter())
         });
         let _ = tracing_subscriber::registry()
-            .with(log_filter())
-            .with(log_lines())
+            .with(log_lines().with_filter(log_filter()))
             .with(traces)
             .try_init();
 

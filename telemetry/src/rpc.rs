@@ -120,7 +120,7 @@ where
         let layer = Arc::clone(&self.layer.inner);
         let method = request.uri().path().trim_start_matches('/').to_owned();
         let span = if is_traced(&method) {
-            let span = tracing::info_span!(
+            let span = tracing::debug_span!(
                 "grpc.server",
                 otel.name = %method,
                 otel.kind = "server",
@@ -130,10 +130,13 @@ where
                 moge.layer = tracing::field::Empty,
                 moge.tokens = tracing::field::Empty,
             );
-            // Without a trace context (or with traces off) this span starts a trace.
-            let _ = span.set_parent(crate::propagation::extract(request.headers()));
-            for attribute in &layer.attributes {
-                span.set_attribute(attribute.key.clone(), attribute.value.clone());
+            // Without a trace context this span starts a trace. With traces
+            // off the span is disabled and nothing is parsed.
+            if !span.is_disabled() {
+                let _ = span.set_parent(crate::propagation::extract(request.headers()));
+                for attribute in &layer.attributes {
+                    span.set_attribute(attribute.key.clone(), attribute.value.clone());
+                }
             }
             span
         } else {
