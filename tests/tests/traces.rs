@@ -1,6 +1,7 @@
-//! Traces over OTLP: one request through the split deployment gives one
-//! trace with spans of the gateway, the router and every expert group,
-//! received by an OTLP/gRPC trace receiver that this test runs on loopback.
+//! Traces and metrics over OTLP: one request through the split deployment
+//! gives one trace with spans of the gateway, the router and every expert
+//! group, and every service exports its metrics, to an OTLP/gRPC receiver
+//! that this test runs on loopback.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,10 @@ use moge_shared::proto::inference::infer_parameter::ParameterChoice;
 use moge_shared::proto::inference::model_infer_request::InferInputTensor;
 use moge_shared::proto::inference::{InferParameter, ModelInferRequest, ServerReadyRequest};
 use moge_tests::{generate_small, start_stack};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::KeyValue;
@@ -49,6 +54,40 @@ fn text(attribute: &KeyValue) -> String {
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<Received>>>,
+    /// (service, metric name) of every metric received.
+    metrics: Arc<Mutex<BTreeSet<(String, String)>>>,
+}
+
+fn service_name(resource: Option<&opentelemetry_proto::tonic::resource::v1::Resource>) -> String {
+    resource
+        .iter()
+        .flat_map(|resource| &resource.attributes)
+        .find(|attribute| attribute.key == "service.name")
+        .map(text)
+        .unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let mut metrics = self.metrics.lock().unwrap();
+        for resource_metrics in request.into_inner().resource_metrics {
+            let service = service_name(resource_metrics.resource.as_ref());
+            for metric in resource_metrics
+                .scope_metrics
+                .into_iter()
+                .flat_map(|scope| scope.metrics)
+            {
+                metrics.insert((service.clone(), metric.name));
+            }
+        }
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
+    }
 }
 
 #[tonic::async_trait]
@@ -59,13 +98,7 @@ impl TraceService for Receiver {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut spans = self.spans.lock().unwrap();
         for resource_spans in request.into_inner().resource_spans {
-            let service = resource_spans
-                .resource
-                .iter()
-                .flat_map(|resource| &resource.attributes)
-                .find(|attribute| attribute.key == "service.name")
-                .map(text)
-                .unwrap_or_default();
+            let service = service_name(resource_spans.resource.as_ref());
             for span in resource_spans.scope_spans.into_iter().flat_map(|scope| scope.spans) {
                 spans.push(Received {
                     service: service.clone(),
@@ -88,13 +121,14 @@ impl TraceService for Receiver {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn one_request_is_one_trace_across_services() {
+async fn one_request_is_one_trace_and_metrics_arrive() {
     let receiver = Receiver::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))
+            .add_service(MetricsServiceServer::new(receiver.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
 
@@ -166,6 +200,7 @@ async fn one_request_is_one_trace_across_services() {
     }
     server.abort();
 
+    check_metrics(&receiver);
     let spans = receiver.spans.lock().unwrap().clone();
     let trace_id = (0..16)
         .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
@@ -227,6 +262,22 @@ async fn one_request_is_one_trace_across_services() {
             server.attribute("group")
         );
         assert!(server.attribute("replica").is_some_and(|replica| !replica.is_empty()));
+    }
+}
+
+fn check_metrics(receiver: &Receiver) {
+    let metrics = receiver.metrics.lock().unwrap();
+    for (service, name) in [
+        ("moge-gateway", "moge_gateway_requests"),
+        ("moge-gateway", "moge_gateway_straggler_gap"),
+        ("moge-router", "moge_router_imbalance_score"),
+        ("moge-expert", "moge_device_assignments"),
+        ("moge-expert", "rpc.server.call.duration"),
+    ] {
+        assert!(
+            metrics.contains(&(service.to_owned(), name.to_owned())),
+            "{service} exported no {name} over OTLP; received: {metrics:?}"
+        );
     }
 }
 
