@@ -59,6 +59,11 @@ class Process:
     def field(self, pattern: str) -> str:
         return re.search(pattern, self.log_path.read_text()).group(1)
 
+    def peak_rss_bytes(self) -> int:
+        """VmHWM of the running process."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
+
     def stop(self):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -151,6 +156,19 @@ class Split:
         self.target = f"127.0.0.1:{grpc}"
         self.http = f"http://127.0.0.1:{http}"
 
+    def memory(self) -> list[dict]:
+        """Peak RSS of every process next to the bytes of weights it hosts."""
+        rows = []
+        for process in [*self.parts, self.gateway]:
+            log = process.log_path.read_text()
+            weights = re.search(r"weight_bytes=(\d+)", log)
+            rows.append({
+                "process": process.log_path.stem,
+                "peak_rss_bytes": process.peak_rss_bytes(),
+                "weight_bytes": int(weights.group(1)) if weights else None,
+            })
+        return rows
+
     def stop(self):
         self.gateway.stop()
         for part in self.parts:
@@ -240,6 +258,7 @@ def main():
         "decode": decode_load(split.target, "c-decode", args.decode_requests),
         "prefill": prefill_load(split.target, "c-prefill", args.prefill_requests),
     }
+    results["c-memory"] = split.memory()
     split.stop()
 
     for dtype in ("bfloat16", "float32"):
@@ -326,6 +345,20 @@ def markdown(results: dict) -> str:
         f"| off (`--disable-metrics`) | {b_off['decode']:.0f} | {b_off['prefill']:.0f} |",
         f"| cost | {100 * (1 - b['decode'] / b_off['decode']):.1f}% | {100 * (1 - b['prefill'] / b_off['prefill']):.1f}% |",
     ]
+    lines += [
+        "",
+        "Peak RSS of each process of (c) after its loads, next to the weights it hosts:",
+        "",
+        "| process | weights | peak RSS | overhead |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in results["c-memory"]:
+        weights = row["weight_bytes"]
+        rss = row["peak_rss_bytes"] / 2**20
+        if weights:
+            lines.append(f"| {row['process']} | {weights / 2**20:.1f} MiB | {rss:.1f} MiB | {rss - weights / 2**20:.1f} MiB |")
+        else:
+            lines.append(f"| {row['process']} | - | {rss:.1f} MiB | - |")
     balance = results["balance"]
     lines += [
         "",

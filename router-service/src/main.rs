@@ -47,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
         top_k = checkpoint.config().num_experts_per_tok,
         max_message_bytes = args.server.max_message_bytes,
         replica = %replica,
+        weight_bytes = service.weight_bytes(),
+        peak_rss_bytes = moge_shared::memory::peak_rss_bytes(),
         "router weights loaded"
     );
 

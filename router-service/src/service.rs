@@ -66,6 +66,17 @@ impl RouterService {
 /// about 50 µs on one AVX2 core, the order of a hand-off to another thread.
 const INLINE_ROUTING_MULTIPLY_ADDS: usize = 1 << 20;
 
+impl RouterService {
+    /// Bytes of hosted router weights: the gate matrix and the router scale of every layer.
+    pub fn weight_bytes(&self) -> usize {
+        self.inner
+            .routers
+            .values()
+            .map(|router| router.gate().bytes() + router.shape().num_experts * std::mem::size_of::<f32>())
+            .sum()
+    }
+}
+
 fn mode_of(value: i32, default: RoutingMode) -> Result<RoutingMode, Status> {
     match wire_v1::RoutingMode::try_from(value) {
         Ok(wire_v1::RoutingMode::Unspecified) => Ok(default),
