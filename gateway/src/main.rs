@@ -285,6 +285,7 @@ async fn main() -> anyhow::Result<()> {
         tonic::service::Routes::new(service),
         "inference.GRPCInferenceService",
         rpc,
+        None,
     )
     .await;
     if tokio::time::timeout(drain_timeout, http_server).await.is_err() {
