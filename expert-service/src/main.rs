@@ -53,6 +53,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = moge_shared::settings::parse::<Args>();
     let telemetry = Telemetry::start("moge-expert", &args.telemetry, args.server.host, args.server.instance()).await?;
+    let tls = args.server.grpc_tls("moge-expert")?;
     let listener = args.server.bind().await?;
     let replica = args.server.replica_name(listener.local_addr()?);
     let (checkpoint, layers) = args.model.open()?;
@@ -98,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         routes,
         moge_expert::SERVICE_NAME,
         rpc,
+        tls,
     )
     .await;
     telemetry.shutdown();

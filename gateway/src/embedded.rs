@@ -83,7 +83,7 @@ impl Embedded {
                     let _ = stopped.wait_for(|stop| *stop).await;
                     "gateway stopped"
                 };
-                if let Err(error) = serve_grpc_until(listener, drain_timeout, routes, name, rpc, shutdown).await {
+                if let Err(error) = serve_grpc_until(listener, drain_timeout, routes, name, rpc, None, shutdown).await {
                     tracing::error!(%error, service = name, "embedded service failed");
                 }
             });

@@ -7,14 +7,18 @@
 //!
 //! The same protocol is served over HTTP/JSON on `--http-port`.
 
+mod auth;
 mod batcher;
 mod embedded;
 mod frontend;
 mod http;
+mod https;
 mod kserve;
 mod metrics;
 mod pipeline;
+mod security;
 mod upstream;
+mod upstream_tls;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -36,6 +40,7 @@ use crate::frontend::Frontend;
 use crate::kserve::KServe;
 use crate::metrics::GatewayMetrics;
 use crate::pipeline::Shape;
+use crate::security::Security;
 use crate::upstream::{Identity, Pool, Upstreams};
 use moge_shared::proto::moge::v1::Role;
 
@@ -108,6 +113,15 @@ struct Args {
     #[arg(long, env = "MOGE_REPLICA", default_value = "")]
     replica: String,
     #[command(flatten)]
+    tls: moge_shared::tls::TlsArgs,
+    #[command(flatten)]
+    upstream_tls: crate::upstream_tls::UpstreamTlsArgs,
+    /// File with the bearer token that every KServe request must carry
+    /// (`authorization: Bearer <token>`), except the liveness and readiness
+    /// checks. Line breaks at the end of the file are ignored.
+    #[arg(long, env = "MOGE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    #[command(flatten)]
     telemetry: TelemetryArgs,
 }
 
@@ -124,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         vec![KeyValue::new("service.instance.id", args.replica.clone())],
     )
     .await?;
+    let security = Security::load(&args.tls, &args.upstream_tls, args.auth_token_file.as_deref())?;
     let grpc_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.grpc_port)).await?;
     let http_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.http_port)).await?;
     let drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
@@ -152,6 +167,7 @@ async fn main() -> anyhow::Result<()> {
         moge_router::SERVICE_NAME,
         identity(Role::Router, None),
         &args.router,
+        &security.upstream,
     )?;
     let groups = args
         .groups
@@ -163,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 moge_expert::SERVICE_NAME,
                 identity(Role::ExpertGroup, Some(group as u32)),
                 &split(list),
+                &security.upstream,
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -171,6 +188,7 @@ async fn main() -> anyhow::Result<()> {
         moge_expert::SERVICE_NAME,
         identity(Role::SharedExpert, None),
         &args.shared_expert,
+        &security.upstream,
     )?;
     let upstreams = Arc::new(Upstreams {
         router,
@@ -261,26 +279,8 @@ async fn main() -> anyhow::Result<()> {
         metrics,
     };
     let frontend = Arc::new(frontend);
-    let http_address = http_listener.local_addr()?;
-    let http_routes = http::router(Arc::clone(&frontend), args.max_message_bytes);
-    let http_server = tokio::spawn(async move {
-        tracing::info!(address = %http_address, service = "kserve-http", "listening");
-        use axum::serve::ListenerExt;
-        let http_listener = http_listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::warn!(%error, "failed to set TCP_NODELAY on an HTTP connection");
-            }
-        });
-        let served = axum::serve(http_listener, http_routes)
-            .with_graceful_shutdown(async {
-                moge_shared::service::shutdown_signal().await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "HTTP server failed");
-        }
-        tracing::info!(service = "kserve-http", "stopped");
-    });
+    let http_routes = security.http_routes(http::router(Arc::clone(&frontend), args.max_message_bytes));
+    let http_server = tokio::spawn(https::serve(http_listener, http_routes, security.http_tls.clone()));
     let service = GrpcInferenceServiceServer::new(KServe::new(frontend))
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
@@ -288,9 +288,10 @@ async fn main() -> anyhow::Result<()> {
     let served = serve_grpc(
         grpc_listener,
         drain_timeout,
-        tonic::service::Routes::new(service),
+        security.grpc_routes(service),
         "inference.GRPCInferenceService",
         rpc,
+        security.grpc_tls.clone(),
     )
     .await;
     if tokio::time::timeout(drain_timeout, http_server).await.is_err() {

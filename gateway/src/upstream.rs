@@ -12,6 +12,8 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::upstream_tls::UpstreamTls;
+
 /// One replica of an upstream service.
 pub struct Replica {
     /// Address as configured, for logs and errors.
@@ -57,26 +59,43 @@ pub struct Pool {
     next: AtomicUsize,
 }
 
-/// A configured address that is not a valid URI.
+/// A configured address that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("{name}: invalid upstream address {url:?}: {source}")]
-pub struct AddressError {
-    name: String,
-    url: String,
-    source: tonic::transport::Error,
+pub enum AddressError {
+    /// The address is not a valid URI.
+    #[error("{name}: invalid upstream address {url:?}: {source}")]
+    Invalid {
+        /// Pool name.
+        name: String,
+        /// The address.
+        url: String,
+        /// Underlying error.
+        source: tonic::transport::Error,
+    },
+    /// The address's scheme does not match the upstream TLS settings.
+    #[error(transparent)]
+    Tls(#[from] crate::upstream_tls::UpstreamTlsError),
 }
 
 impl Pool {
-    /// Builds a pool from `http://host:port` addresses; connects lazily.
-    pub fn new(name: String, service: &'static str, identity: Identity, urls: &[String]) -> Result<Self, AddressError> {
+    /// Builds a pool from `http://host:port` addresses, or `https://` ones
+    /// when `tls` is on; connects lazily.
+    pub fn new(
+        name: String,
+        service: &'static str,
+        identity: Identity,
+        urls: &[String],
+        tls: &UpstreamTls,
+    ) -> Result<Self, AddressError> {
         let replicas = urls
             .iter()
             .map(|url| {
-                let endpoint = Endpoint::from_shared(url.clone()).map_err(|source| AddressError {
+                let endpoint = Endpoint::from_shared(url.clone()).map_err(|source| AddressError::Invalid {
                     name: name.clone(),
                     url: url.clone(),
                     source,
                 })?;
+                let endpoint = tls.configure(&name, url, endpoint)?;
                 let endpoint = endpoint
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
@@ -141,8 +160,14 @@ impl Pool {
             let request = HealthCheckRequest {
                 service: self.service.to_owned(),
             };
+            let checked = tokio::time::timeout(Duration::from_secs(1), client.check(request)).await;
+            if let Ok(Err(status)) = &checked {
+                // A TLS or certificate problem shows up here, as UNAVAILABLE
+                // with the transport error in the message.
+                tracing::debug!(upstream = %self.name, replica = %replica.url, code = ?status.code(), error = status.message(), "health check failed");
+            }
             let serving = matches!(
-                tokio::time::timeout(Duration::from_secs(1), client.check(request)).await,
+                checked,
                 Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
             );
             let serving = serving && self.verify(replica).await;
@@ -328,7 +353,14 @@ mod tests {
             role: Role::ExpertGroup,
             group: Some(0),
         };
-        let pool = Pool::new("group 0".to_owned(), "moge.v1.ExpertGroup", identity, &urls).unwrap();
+        let pool = Pool::new(
+            "group 0".to_owned(),
+            "moge.v1.ExpertGroup",
+            identity,
+            &urls,
+            &UpstreamTls::default(),
+        )
+        .unwrap();
         for replica in &pool.replicas {
             replica.identity.store(VERIFIED, Ordering::Relaxed);
         }

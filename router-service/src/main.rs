@@ -34,6 +34,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = moge_shared::settings::parse::<Args>();
     let telemetry = Telemetry::start("moge-router", &args.telemetry, args.server.host, args.server.instance()).await?;
+    let tls = args.server.grpc_tls("moge-router")?;
     let listener = args.server.bind().await?;
     let replica = args.server.replica_name(listener.local_addr()?);
     let (checkpoint, layers) = args.model.open()?;
@@ -60,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         routes,
         moge_router::SERVICE_NAME,
         rpc,
+        tls,
     )
     .await;
     telemetry.shutdown();

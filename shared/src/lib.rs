@@ -24,6 +24,7 @@ pub mod proto;
 pub mod routing;
 pub mod service;
 pub mod settings;
+pub mod tls;
 pub mod weights;
 pub mod wire;
 

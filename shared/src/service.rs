@@ -2,6 +2,10 @@
 //! gRPC serving with health checking, reflection, call telemetry and a
 //! bounded drain.
 
+use std::sync::Arc;
+
+use tokio_rustls::rustls::ServerConfig;
+
 /// Completes on SIGTERM (how Kubernetes stops a pod) or SIGINT (Ctrl-C) and
 /// returns the signal's name.
 pub async fn shutdown_signal() -> &'static str {
@@ -67,14 +71,26 @@ pub async fn serve_grpc(
     routes: tonic::service::Routes,
     service_name: &str,
     rpc: moge_telemetry::RpcLayer,
+    tls: Option<Arc<ServerConfig>>,
 ) -> Result<(), ServeError> {
-    serve_grpc_until(listener, drain_timeout, routes, service_name, rpc, shutdown_signal()).await
+    serve_grpc_until(
+        listener,
+        drain_timeout,
+        routes,
+        service_name,
+        rpc,
+        tls,
+        shutdown_signal(),
+    )
+    .await
 }
 
 /// Serves `routes` plus `grpc.health.v1` and server reflection on
 /// `listener` until `shutdown` completes, then marks `service_name`
 /// NOT_SERVING, stops accepting connections and waits up to `drain_timeout`
 /// for in-flight requests. `rpc` adds a span and a duration point per call.
+/// With `tls` (see [`crate::tls::TlsArgs::server_config`]) every
+/// connection must complete a TLS handshake first.
 ///
 /// Logs "listening" with the bound `address` once serving starts.
 pub async fn serve_grpc_until(
@@ -83,6 +99,7 @@ pub async fn serve_grpc_until(
     routes: tonic::service::Routes,
     service_name: &str,
     rpc: moge_telemetry::RpcLayer,
+    tls: Option<Arc<ServerConfig>>,
     shutdown: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), ServeError> {
     use tonic_health::ServingStatus;
@@ -99,20 +116,29 @@ pub async fn serve_grpc_until(
     let routes = routes.add_service(health_service).add_service(reflection);
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    // Without TCP_NODELAY, small responses wait for the peer's delayed
-    // acknowledgement: about 40 ms per call on Linux.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
-            .layer(rpc)
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
-    );
-    tracing::info!(%address, service = service_name, "listening");
+    let stopped = async {
+        let _ = stopped.await;
+    };
+    let server = tonic::transport::Server::builder()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .layer(rpc)
+        .add_routes(routes);
+    let tls_enabled = tls.is_some();
+    let server = match tls {
+        None => {
+            // Without TCP_NODELAY, small responses wait for the peer's delayed
+            // acknowledgement: about 40 ms per call on Linux.
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Some(config) => {
+            let incoming = crate::tls::TlsIncoming::new(listener, config)
+                .map_err(|source| ServeError::Bind { address, source })?;
+            tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
+    tracing::info!(%address, service = service_name, tls = tls_enabled, "listening");
 
     let signal = shutdown.await;
     tracing::info!(

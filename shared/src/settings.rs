@@ -90,6 +90,9 @@ pub struct ServerArgs {
     /// Seconds that in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "MOGE_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
     pub drain_timeout_seconds: u64,
+    /// TLS and mTLS of the gRPC port.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsArgs,
 }
 
 impl ServerArgs {
@@ -97,6 +100,17 @@ impl ServerArgs {
     /// a port in use fails at once and the replica name can use the port.
     pub async fn bind(&self) -> Result<tokio::net::TcpListener, crate::service::ServeError> {
         crate::service::bind(std::net::SocketAddr::new(self.host, self.grpc_port)).await
+    }
+
+    /// Reads the TLS files, logs which are used and returns the gRPC
+    /// port's TLS configuration, or `None` when TLS is off.
+    pub fn grpc_tls(
+        &self,
+        service: &str,
+    ) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>, crate::tls::TlsError> {
+        let config = self.tls.server_config(crate::tls::ALPN_GRPC)?;
+        self.tls.log_summary(service);
+        Ok(config)
     }
 
     /// Time in-flight requests get after SIGTERM.

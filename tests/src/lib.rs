@@ -89,6 +89,29 @@ impl ServiceProcess {
         }
     }
 
+    /// Returns the first log line that contains every one of `needles`,
+    /// reading more lines for at most `timeout` if none has come yet.
+    pub fn wait_for_log(&mut self, needles: &[&str], timeout: std::time::Duration) -> String {
+        let matches = |line: &String| needles.iter().all(|needle| line.contains(needle));
+        if let Some(line) = self.log.iter().find(|line| matches(line)) {
+            return line.clone();
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let Ok(line) = self.lines.recv_timeout(left) else {
+                panic!(
+                    "no log line with {needles:?} within {timeout:?}; log so far:\n{}",
+                    self.log.join("\n")
+                );
+            };
+            self.log.push(line.clone());
+            if matches(&line) {
+                return line;
+            }
+        }
+    }
+
     /// Sends SIGTERM and waits, at most `timeout`, for the exit status;
     /// collects the log lines written meanwhile.
     pub fn terminate(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
@@ -154,14 +177,34 @@ pub struct Stack {
 /// shared expert and a gateway in front of them, on the checkpoint `ckpt`,
 /// all on free loopback ports. `extra` is appended to every command line.
 pub fn start_stack(ckpt: &str, extra: &[&str]) -> Stack {
+    let args = StackArgs {
+        scheme: "http",
+        services: extra,
+        gateway: extra,
+    };
+    start_stack_with(ckpt, &args)
+}
+
+/// Extra command-line arguments of a [`start_stack_with`] deployment.
+pub struct StackArgs<'a> {
+    /// Scheme of the upstream addresses the gateway gets: `http` or `https`.
+    pub scheme: &'a str,
+    /// Appended to the command line of the router and of every expert service.
+    pub services: &'a [&'a str],
+    /// Appended to the gateway's command line.
+    pub gateway: &'a [&'a str],
+}
+
+/// [`start_stack`] with separate arguments for the services and the gateway.
+pub fn start_stack_with(ckpt: &str, extra: &StackArgs) -> Stack {
     let expert = |args: &[&str]| {
         let mut all = vec!["--checkpoint", ckpt, "--grpc-port", "0", "--compute-threads", "1"];
         all.extend_from_slice(args);
-        all.extend_from_slice(extra);
+        all.extend_from_slice(extra.services);
         ServiceProcess::start("moge-expert", &all, START_TIMEOUT)
     };
     let mut router_args = vec!["--checkpoint", ckpt, "--grpc-port", "0"];
-    router_args.extend_from_slice(extra);
+    router_args.extend_from_slice(extra.services);
     let router = ServiceProcess::start("moge-router", &router_args, START_TIMEOUT);
     let groups: Vec<Vec<ServiceProcess>> = (0..8)
         .map(|group| {
@@ -172,7 +215,7 @@ pub fn start_stack(ckpt: &str, extra: &[&str]) -> Stack {
         })
         .collect();
     let shared = expert(&["--shared-expert"]);
-    let url = |process: &ServiceProcess| format!("http://{}", process.address);
+    let url = |process: &ServiceProcess| format!("{}://{}", extra.scheme, process.address);
     let mut args: Vec<String> = [
         "--grpc-port",
         "0",
@@ -184,7 +227,7 @@ pub fn start_stack(ckpt: &str, extra: &[&str]) -> Stack {
         "2000",
     ]
     .into_iter()
-    .chain(extra.iter().copied())
+    .chain(extra.gateway.iter().copied())
     .map(str::to_owned)
     .collect();
     args.extend([
