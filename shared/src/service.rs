@@ -63,6 +63,30 @@ pub async fn serve_grpc(
     serve_grpc_until(listener, drain_timeout, routes, service_name, rpc, shutdown_signal()).await
 }
 
+/// Like [`serve_grpc`], but the health of `service_name` follows `ready`:
+/// SERVING while it is true, NOT_SERVING while false, and NOT_SERVING from
+/// SIGTERM on. The overall service `""` stays SERVING until shutdown, so a
+/// liveness probe does not restart a process that waits for its upstreams.
+pub async fn serve_grpc_with_readiness(
+    listener: tokio::net::TcpListener,
+    drain_timeout: std::time::Duration,
+    routes: tonic::service::Routes,
+    service_name: &str,
+    rpc: moge_telemetry::RpcLayer,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    serve(
+        listener,
+        drain_timeout,
+        routes,
+        service_name,
+        rpc,
+        shutdown_signal(),
+        Some(ready),
+    )
+    .await
+}
+
 /// Serves `routes` plus `grpc.health.v1` and server reflection on
 /// `listener` until `shutdown` completes, then marks `service_name`
 /// NOT_SERVING, stops accepting connections and waits up to `drain_timeout`
@@ -77,6 +101,20 @@ pub async fn serve_grpc_until(
     rpc: moge_telemetry::RpcLayer,
     shutdown: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), ServeError> {
+    serve(listener, drain_timeout, routes, service_name, rpc, shutdown, None).await
+}
+
+/// Serves as [`serve_grpc_until`] does; with `ready`, the health of
+/// `service_name` follows it until shutdown.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    drain_timeout: std::time::Duration,
+    routes: tonic::service::Routes,
+    service_name: &str,
+    rpc: moge_telemetry::RpcLayer,
+    shutdown: impl std::future::Future<Output = &'static str>,
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<(), ServeError> {
     use tonic_health::ServingStatus;
 
     let address = listener.local_addr().map_err(|source| ServeError::Bind {
@@ -84,7 +122,32 @@ pub async fn serve_grpc_until(
         source,
     })?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status(service_name, ServingStatus::Serving).await;
+    let status_of = |ready: bool| {
+        if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    let follower = match ready {
+        None => {
+            health.set_service_status(service_name, ServingStatus::Serving).await;
+            None
+        }
+        Some(mut ready) => {
+            let initial = *ready.borrow_and_update();
+            health.set_service_status(service_name, status_of(initial)).await;
+            let health = health.clone();
+            let name = service_name.to_owned();
+            Some(tokio::spawn(async move {
+                while ready.changed().await.is_ok() {
+                    let now = *ready.borrow_and_update();
+                    tracing::info!(service = %name, ready = now, "health status follows readiness");
+                    health.set_service_status(&name, status_of(now)).await;
+                }
+            }))
+        }
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -103,6 +166,9 @@ pub async fn serve_grpc_until(
     tracing::info!(%address, service = service_name, "listening");
 
     let signal = shutdown.await;
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     tracing::info!(
         signal,
         service = service_name,
