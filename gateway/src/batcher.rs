@@ -393,8 +393,8 @@ impl Batcher {
     }
 }
 
-/// Answers a request that expired in the queue, or forgets one whose
-/// client left; either way its tokens leave the queue count.
+/// Replies DEADLINE_EXCEEDED to a request that expired in the queue, or
+/// drops one whose client left. Either way its tokens leave the queue count.
 fn drop_request(pending: Pending) {
     if pending.reply.is_closed() {
         tracing::debug!(
@@ -417,8 +417,8 @@ fn drop_request(pending: Pending) {
 
 /// Returns the latest deadline of the batch's requests, or None when one
 /// has none. The upstream calls may run as long as any request still
-/// waits; a request whose own deadline passes earlier is answered
-/// DEADLINE_EXCEEDED by its own timer without failing the others.
+/// waits, and a request whose own deadline passes earlier gets
+/// DEADLINE_EXCEEDED from its own timer without failing the others.
 fn batch_deadline(batch: &[Pending]) -> Option<tokio::time::Instant> {
     batch
         .iter()

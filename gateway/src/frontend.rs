@@ -38,7 +38,7 @@ pub struct ModelSpec {
 
 /// The served model and the machinery behind it.
 pub struct Frontend {
-    /// What requests are validated against.
+    /// Model and limits that requests are validated against.
     pub spec: ModelSpec,
     /// Timeout of requests that set none, or a cap on the ones they set
     /// (`--request-timeout-ms`); None for no limit.

@@ -115,8 +115,8 @@ async fn model_metadata_version(
     metadata(&frontend, &model, &version)
 }
 
-/// A request body the server could not read, such as one over
-/// `--max-message-bytes`: the rejection's status with a JSON error.
+/// Builds the response to a request body that could not be read, such as
+/// one over `--max-message-bytes`: the rejection's status and a JSON error.
 fn body_error(rejection: BytesRejection) -> Response {
     let message = format!(
         "request body rejected: {}; the limit is set by --max-message-bytes",

@@ -104,7 +104,7 @@ impl GrpcInferenceService for KServe {
 /// none, as tonic's server treats it.
 ///
 /// NOTE: tonic's server starts its own timer for the same header just
-/// before the handler runs and answers CANCELLED when it fires. The
+/// before the handler runs and returns CANCELLED when it fires. The
 /// returned timeout is 1 ms shorter, so that the gateway's timer fires
 /// first and the client gets DEADLINE_EXCEEDED with a message.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {

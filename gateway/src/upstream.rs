@@ -40,7 +40,7 @@ pub struct Replica {
 /// First ejection of a replica after a failed call; each further
 /// consecutive failure doubles it, up to [`MAX_EJECTION`].
 pub const BASE_EJECTION: Duration = Duration::from_millis(250);
-/// Longest ejection of a replica.
+/// Maximum ejection of a replica.
 pub const MAX_EJECTION: Duration = Duration::from_secs(8);
 
 /// Failure state of one replica.
@@ -345,7 +345,7 @@ pub enum CallError {
         /// The upstream's status.
         status: tonic::Status,
     },
-    /// The deadline of the call passed before a replica answered.
+    /// The deadline of the call passed before a replica responded.
     #[error("{upstream}: the request deadline passed after {attempts} attempt(s)")]
     DeadlineExceeded {
         /// Pool name.

@@ -8,7 +8,13 @@ use moge_shared::wire::{WireError, decode_f32s, decode_matrix, decode_u32s};
 use proptest::prelude::*;
 
 fn dimension() -> impl Strategy<Value = u64> {
-    prop_oneof![0u64..40, Just(u64::MAX), Just(u64::MAX / 2), Just(1u64 << 62), any::<u64>()]
+    prop_oneof![
+        0u64..40,
+        Just(u64::MAX),
+        Just(u64::MAX / 2),
+        Just(1u64 << 62),
+        any::<u64>()
+    ]
 }
 
 fn tensor() -> impl Strategy<Value = Tensor> {
