@@ -211,7 +211,7 @@ impl ModelSpec {
         let h = self.shape.hidden_size;
         let [tokens, width] = shape[..] else {
             return Err(invalid(format!(
-                "input {INPUT}: shape {:?} has rank {}, expected rank 2, [T, {h}]",
+                "input {INPUT}: shape {:?} has rank {}, expected [T, {h}] (rank 2)",
                 &shape[..shape.len().min(8)],
                 shape.len()
             )));
@@ -312,7 +312,7 @@ mod tests {
     #[test]
     fn rank_other_than_two_is_rejected() {
         let text = message(request(vec![1; 40], "FP32", InputData::Fp32(Vec::new())));
-        assert!(text.contains("has rank 40, expected rank 2"), "{text}");
+        assert!(text.contains("has rank 40, expected [T, 8] (rank 2)"), "{text}");
     }
 
     #[test]

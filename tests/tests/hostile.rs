@@ -112,19 +112,19 @@ fn grpc_cases() -> Vec<(&'static str, ModelInferRequest, Code, &'static str)> {
             "rank 1",
             with(|r| r.inputs[0].shape = vec![1024]),
             Code::InvalidArgument,
-            "has rank 1, expected rank 2",
+            "has rank 1, expected [T, 512] (rank 2)",
         ),
         (
             "rank 0",
             with(|r| r.inputs[0].shape = vec![]),
             Code::InvalidArgument,
-            "has rank 0, expected rank 2",
+            "has rank 0, expected [T, 512] (rank 2)",
         ),
         (
             "rank 3",
             with(|r| r.inputs[0].shape = vec![1, 2, 512]),
             Code::InvalidArgument,
-            "has rank 3, expected rank 2",
+            "has rank 3, expected [T, 512] (rank 2)",
         ),
         (
             "wrong hidden size",
