@@ -206,6 +206,12 @@ impl wire_v1::expert_group_server::ExpertGroup for ExpertService {
         let kernel = self.inner.kernel;
         let queued = std::time::Instant::now();
         self.inner.pool.spawn(move || {
+            // A caller that left (cancelled, or past its grpc-timeout) while
+            // the request queued for a compute thread gets no work done.
+            if sender.is_closed() {
+                tracing::debug!(layer, tokens, "caller left before compute started; skipped");
+                return;
+            }
             let started = std::time::Instant::now();
             let result = match weights.as_ref() {
                 LayerWeights::Group(group) => group

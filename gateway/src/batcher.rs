@@ -6,8 +6,15 @@
 //! concurrently up to `max_inflight`, so while one batch is in the experts
 //! the next one gathers the requests that arrive meanwhile. Each output row
 //! depends only on its own input row, so batching never changes a result.
+//!
+//! The queues are bounded in tokens: a request that would take the tokens
+//! admitted but not yet in a running batch past `max_queued_tokens` is
+//! rejected at once with RESOURCE_EXHAUSTED. A request whose deadline passes
+//! or whose client leaves is dropped before its batch runs, and a running
+//! batch whose every client left is stopped.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +39,24 @@ pub struct BatchLimits {
     pub max_queue_delay: Duration,
     /// Batches running at once.
     pub max_inflight: usize,
+    /// Most tokens admitted but not yet in a running batch, over all queues.
+    pub max_queued_tokens: usize,
+}
+
+/// One request for the batcher.
+pub struct BatchRequest {
+    /// Layer index.
+    pub layer: u32,
+    /// `moge.v1.RoutingMode` value; 0 for the router's default.
+    pub mode: i32,
+    /// Element type of `hidden`.
+    pub dtype: DType,
+    /// Tokens T.
+    pub tokens: usize,
+    /// `[T, H]` little-endian bytes.
+    pub hidden: Bytes,
+    /// Time the client allows from now; None for no limit.
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +73,66 @@ struct Pending {
     /// The request's span, which the batch span continues or links to.
     span: tracing::Span,
     enqueued: Instant,
+    deadline: Option<tokio::time::Instant>,
+    /// The request's share of the queued tokens, given back when its batch
+    /// starts or when the request is dropped.
+    admission: Admission,
+}
+
+impl Pending {
+    /// Returns whether the client still waits and its deadline has not passed.
+    fn is_live(&self, now: tokio::time::Instant) -> bool {
+        !self.reply.is_closed() && self.deadline.is_none_or(|deadline| deadline > now)
+    }
+}
+
+/// Tokens counted against `max_queued_tokens`; subtracted again on drop.
+struct Admission {
+    queued: Arc<AtomicUsize>,
+    tokens: usize,
+}
+
+impl Admission {
+    fn release(&mut self) {
+        self.queued
+            .fetch_sub(std::mem::take(&mut self.tokens), Ordering::Relaxed);
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Lets one log line through per interval and counts the ones held back.
+struct LogThrottle {
+    last: Mutex<Option<Instant>>,
+    held_back: AtomicU64,
+}
+
+impl LogThrottle {
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn new() -> Self {
+        LogThrottle {
+            last: Mutex::new(None),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    /// Returns the number of lines held back since the last one, when this
+    /// line may be logged.
+    fn allow(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|last| now - last < Self::INTERVAL) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
 }
 
 /// Joins concurrent requests into batches and runs them on the deployment.
@@ -59,6 +144,9 @@ pub struct Batcher {
     limits: BatchLimits,
     inflight: Arc<Semaphore>,
     metrics: Arc<GatewayMetrics>,
+    /// Tokens admitted but not yet in a running batch; the metrics gauge reads it.
+    queued_tokens: Arc<AtomicUsize>,
+    rejections: LogThrottle,
 }
 
 impl Batcher {
@@ -71,6 +159,8 @@ impl Batcher {
         metrics: Arc<GatewayMetrics>,
     ) -> Arc<Self> {
         Arc::new(Batcher {
+            queued_tokens: Arc::clone(&metrics.queued_tokens),
+            rejections: LogThrottle::new(),
             metrics,
             queues: Mutex::new(HashMap::new()),
             upstreams,
@@ -82,23 +172,29 @@ impl Batcher {
     }
 
     /// Runs one request's rows through a batch and returns its own rows of
-    /// the result.
-    pub async fn submit(
-        self: &Arc<Self>,
-        layer: u32,
-        mode: i32,
-        dtype: DType,
-        tokens: usize,
-        hidden: Bytes,
-    ) -> Result<LayerResult, Status> {
-        let key = Key { layer, mode, dtype };
+    /// the result. Fails at once with RESOURCE_EXHAUSTED when the queues
+    /// hold too many tokens, and with DEADLINE_EXCEEDED when the request's
+    /// timeout passes first.
+    pub async fn submit(self: &Arc<Self>, request: BatchRequest) -> Result<LayerResult, Status> {
+        let admission = self.admit(request.tokens)?;
+        let key = Key {
+            layer: request.layer,
+            mode: request.mode,
+            dtype: request.dtype,
+        };
+        let enqueued = Instant::now();
+        let deadline = request
+            .timeout
+            .map(|timeout| tokio::time::Instant::from_std(enqueued) + timeout);
         let (reply, result) = oneshot::channel();
         let pending = Pending {
-            tokens,
-            hidden,
+            tokens: request.tokens,
+            hidden: request.hidden,
             reply,
             span: tracing::Span::current(),
-            enqueued: Instant::now(),
+            enqueued,
+            deadline,
+            admission,
         };
         let sender = {
             let mut queues = self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -114,9 +210,50 @@ impl Batcher {
         sender
             .send(pending)
             .map_err(|_| Status::unavailable("the batch queue is shutting down"))?;
-        result
-            .await
-            .map_err(|_| Status::internal("the batch ended without a result for this request"))?
+        let finished = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, result).await,
+            None => Ok(result.await),
+        };
+        match finished {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(Status::internal("the batch ended without a result for this request")),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "request timeout of {} ms passed before the layer finished ({} ms spent in the gateway)",
+                request.timeout.unwrap_or_default().as_millis(),
+                enqueued.elapsed().as_millis()
+            ))),
+        }
+    }
+
+    /// Counts `tokens` against `max_queued_tokens`, or rejects the request.
+    fn admit(&self, tokens: usize) -> Result<Admission, Status> {
+        let limit = self.limits.max_queued_tokens;
+        let admitted = self
+            .queued_tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                queued.checked_add(tokens).filter(|&total| total <= limit)
+            });
+        match admitted {
+            Ok(_) => Ok(Admission {
+                queued: Arc::clone(&self.queued_tokens),
+                tokens,
+            }),
+            Err(queued) => {
+                if let Some(held_back) = self.rejections.allow() {
+                    tracing::warn!(
+                        queued_tokens = queued,
+                        tokens,
+                        max_queued_tokens = limit,
+                        rejections_not_logged = held_back,
+                        "queue full; rejecting requests with RESOURCE_EXHAUSTED"
+                    );
+                }
+                Err(Status::resource_exhausted(format!(
+                    "the gateway queue is full: {queued} tokens queued, {tokens} more would exceed \
+                     --max-queued-tokens {limit}; retry later or add gateway replicas"
+                )))
+            }
+        }
     }
 
     async fn run_queue(self: Arc<Self>, key: Key, mut receiver: mpsc::UnboundedReceiver<Pending>) {
@@ -129,6 +266,10 @@ impl Batcher {
                     None => return,
                 },
             };
+            if !first.is_live(tokio::time::Instant::now()) {
+                drop_request(first);
+                continue;
+            }
             let Ok(permit) = Arc::clone(&self.inflight).acquire_owned().await else {
                 return;
             };
@@ -146,12 +287,30 @@ impl Batcher {
                     Err(_) => None,
                 };
                 let Some(pending) = next else { break };
+                if !pending.is_live(tokio::time::Instant::now()) {
+                    drop_request(pending);
+                    continue;
+                }
                 if tokens + pending.tokens > self.limits.max_batch_tokens {
                     carried = Some(pending);
                     break;
                 }
                 tokens += pending.tokens;
                 batch.push(pending);
+            }
+
+            // Requests that expired or left while the batch gathered or
+            // waited for a slot do not run.
+            let now = tokio::time::Instant::now();
+            let (mut batch, gone): (Vec<Pending>, Vec<Pending>) =
+                batch.into_iter().partition(|pending| pending.is_live(now));
+            gone.into_iter().for_each(drop_request);
+            if batch.is_empty() {
+                continue;
+            }
+            let tokens = batch.iter().map(|pending| pending.tokens).sum();
+            for pending in &mut batch {
+                pending.admission.release();
             }
 
             let this = Arc::clone(&self);
@@ -162,7 +321,7 @@ impl Batcher {
         }
     }
 
-    async fn run_batch(&self, key: Key, tokens: usize, batch: Vec<Pending>) {
+    async fn run_batch(&self, key: Key, tokens: usize, mut batch: Vec<Pending>) {
         let requests = batch.len();
         let hidden = if requests == 1 {
             batch[0].hidden.clone()
@@ -179,6 +338,7 @@ impl Batcher {
             tokens,
             hidden,
             mode: key.mode,
+            deadline: batch_deadline(&batch),
         };
         let started = Instant::now();
         for pending in &batch {
@@ -197,9 +357,14 @@ impl Batcher {
             span.add_link(pending.span.context().span().span_context().clone());
         }
         tracing::debug!(parent: &span, layer = key.layer, tokens, requests, "running batch");
-        let result = pipeline::execute(&self.upstreams, self.shape, self.max_message_bytes, layer_batch)
-            .instrument(span)
-            .await;
+        let run = pipeline::execute(&self.upstreams, self.shape, self.max_message_bytes, layer_batch).instrument(span);
+        let result = tokio::select! {
+            result = run => result,
+            () = all_closed(&mut batch) => {
+                tracing::debug!(layer = key.layer, tokens, requests, "every client of the batch left; batch stopped");
+                return;
+            }
+        };
         match result {
             Ok((result, mut stats)) => {
                 stats.requests = requests;
@@ -225,5 +390,48 @@ impl Batcher {
                 }
             }
         }
+    }
+}
+
+/// Replies DEADLINE_EXCEEDED to a request that expired in the queue, or
+/// drops one whose client left. Either way its tokens leave the queue count.
+fn drop_request(pending: Pending) {
+    if pending.reply.is_closed() {
+        tracing::debug!(
+            tokens = pending.tokens,
+            "client left before its batch ran; request dropped"
+        );
+        return;
+    }
+    let waited = pending.enqueued.elapsed();
+    tracing::debug!(
+        tokens = pending.tokens,
+        waited_ms = waited.as_millis() as u64,
+        "request expired in the queue"
+    );
+    let _ = pending.reply.send(Err(Status::deadline_exceeded(format!(
+        "request timeout passed after {} ms in the batch queue",
+        waited.as_millis()
+    ))));
+}
+
+/// Returns the latest deadline of the batch's requests, or None when one
+/// has none. The upstream calls may run as long as any request still
+/// waits, and a request whose own deadline passes earlier gets
+/// DEADLINE_EXCEEDED from its own timer without failing the others.
+fn batch_deadline(batch: &[Pending]) -> Option<tokio::time::Instant> {
+    batch
+        .iter()
+        .map(|pending| pending.deadline)
+        .try_fold(None, |latest: Option<tokio::time::Instant>, deadline| {
+            deadline.map(|deadline| Some(latest.map_or(deadline, |latest| latest.max(deadline))))
+        })
+        .flatten()
+}
+
+/// Completes once every client of the batch has stopped waiting.
+async fn all_closed(batch: &mut [Pending]) {
+    for pending in batch {
+        pending.reply.closed().await;
     }
 }

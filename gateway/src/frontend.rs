@@ -3,9 +3,8 @@
 //! pipeline failures to statuses. The gRPC and HTTP fronts translate their
 //! wire formats to and from these types.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moge_shared::DType;
@@ -14,7 +13,7 @@ use tonic::Status;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::batcher::Batcher;
+use crate::batcher::{BatchRequest, Batcher};
 use crate::metrics::GatewayMetrics;
 use crate::pipeline::{LayerResult, PipelineError, Shape};
 use crate::upstream::{CallError, Upstreams};
@@ -23,27 +22,27 @@ use crate::upstream::{CallError, Upstreams};
 pub const INPUT: &str = "hidden_states";
 /// Names of the outputs, in the order model metadata lists them.
 pub const OUTPUTS: [&str; 3] = ["output", "expert_ids", "expert_weights"];
-/// Request parameters that Triton clients may send and the gateway ignores;
-/// Triton's perf_analyzer sends `triton_enable_empty_final_response`.
-const IGNORED_PARAMETERS: [&str; 6] = [
-    "priority",
-    "timeout",
-    "sequence_id",
-    "sequence_start",
-    "sequence_end",
-    "triton_enable_empty_final_response",
-];
 
-/// The served model and the machinery behind it.
-pub struct Frontend {
+/// The served model as requests are validated against it.
+#[derive(Clone, Debug)]
+pub struct ModelSpec {
     /// Served model name.
     pub model_name: String,
-    /// Layers the deployment hosts, ascending.
+    /// Layers the deployment hosts, ascending; never empty.
     pub layers: Vec<u32>,
     /// Sizes of the model.
     pub shape: Shape,
-    /// Largest request in tokens.
+    /// Largest request in tokens (`--max-batch-tokens`).
     pub max_batch_tokens: usize,
+}
+
+/// The served model and the machinery behind it.
+pub struct Frontend {
+    /// Model and limits that requests are validated against.
+    pub spec: ModelSpec,
+    /// Timeout of requests that set none, or a cap on the ones they set
+    /// (`--request-timeout-ms`); None for no limit.
+    pub request_timeout: Option<Duration>,
     /// The upstream services.
     pub upstreams: Arc<Upstreams>,
     /// Joins concurrent requests into batches.
@@ -53,6 +52,7 @@ pub struct Frontend {
 }
 
 /// A request parameter value, as either transport carries it.
+#[derive(Clone, Debug)]
 pub enum Parameter {
     /// An integer.
     Int(i64),
@@ -63,6 +63,7 @@ pub enum Parameter {
 }
 
 /// Data of an input tensor as the request carried it.
+#[derive(Clone, Debug)]
 pub enum InputData {
     /// Little-endian, row-major bytes.
     Raw(Bytes),
@@ -75,6 +76,7 @@ pub enum InputData {
 }
 
 /// One input tensor of a request.
+#[derive(Clone, Debug)]
 pub struct InputTensor {
     /// Tensor name.
     pub name: String,
@@ -87,6 +89,7 @@ pub struct InputTensor {
 }
 
 /// An inference request in transport-neutral form.
+#[derive(Clone, Debug)]
 pub struct InferRequest {
     /// Model name.
     pub model_name: String,
@@ -98,6 +101,30 @@ pub struct InferRequest {
     pub inputs: Vec<InputTensor>,
     /// Requested output names; empty requests `output` only.
     pub outputs: Vec<String>,
+    /// Time the client allows, from the transport (`grpc-timeout`); None
+    /// for no limit.
+    pub timeout: Option<Duration>,
+}
+
+/// A request that passed validation, ready for the batcher.
+#[derive(Debug)]
+pub struct ValidRequest {
+    /// Layer index, one the deployment hosts.
+    pub layer: u32,
+    /// Routing mode; `Unspecified` for the router's default.
+    pub mode: WireMode,
+    /// Element type of the input.
+    pub dtype: DType,
+    /// KServe datatype name of the input, which `output` gets too.
+    pub datatype: String,
+    /// Tokens T, at most `max_batch_tokens`.
+    pub tokens: usize,
+    /// `[T, H]` little-endian bytes of finite values.
+    pub hidden: Bytes,
+    /// Requested outputs, each known and named once.
+    pub outputs: Vec<String>,
+    /// The shorter of the transport's timeout and the `timeout` parameter.
+    pub timeout: Option<Duration>,
 }
 
 /// One output tensor of a response.
@@ -138,36 +165,53 @@ pub fn status_of(error: PipelineError) -> Status {
     match &error {
         PipelineError::Call(CallError::Unavailable { .. }) => Status::unavailable(error.to_string()),
         PipelineError::Call(CallError::Rejected { status, .. }) => Status::new(status.code(), error.to_string()),
+        PipelineError::Call(CallError::DeadlineExceeded { .. }) => Status::deadline_exceeded(error.to_string()),
         PipelineError::Protocol { .. } => Status::internal(error.to_string()),
     }
 }
 
-fn parse_datatype(text: &str) -> Result<DType, Status> {
-    match text {
-        "BF16" => Ok(DType::BF16),
-        "FP16" => Ok(DType::F16),
-        "FP32" => Ok(DType::F32),
-        other => Err(Status::invalid_argument(format!(
-            "input {INPUT}: datatype {other:?} is not supported, expected BF16, FP16 or FP32"
-        ))),
+/// Returns the shorter of two optional timeouts.
+pub fn shorter(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Returns at most the first 64 characters of a client-supplied name, so
+/// that an error message never echoes a huge string back.
+pub(crate) fn clip(text: &str) -> &str {
+    match text.char_indices().nth(64) {
+        Some((end, _)) => &text[..end],
+        None => text,
+    }
+}
+
+impl ModelSpec {
+    /// Checks a model name and version against the served model.
+    pub fn check_model(&self, name: &str, version: &str) -> Result<(), Status> {
+        if name != self.model_name {
+            return Err(Status::not_found(format!(
+                "model {:?} is not served, expected {:?}",
+                clip(name),
+                self.model_name
+            )));
+        }
+        if !(version.is_empty() || version == "1") {
+            return Err(Status::not_found(format!(
+                "model {:?} has no version {:?}, expected \"1\" or empty",
+                clip(name),
+                clip(version)
+            )));
+        }
+        Ok(())
     }
 }
 
 impl Frontend {
     /// Checks a model name and version against the served model.
     pub fn check_model(&self, name: &str, version: &str) -> Result<(), Status> {
-        if name != self.model_name {
-            return Err(Status::not_found(format!(
-                "model {name:?} is not served, expected {:?}",
-                self.model_name
-            )));
-        }
-        if !(version.is_empty() || version == "1") {
-            return Err(Status::not_found(format!(
-                "model {name:?} has no version {version:?}, expected \"1\" or empty"
-            )));
-        }
-        Ok(())
+        self.spec.check_model(name, version)
     }
 
     /// Returns whether every upstream has a ready replica.
@@ -178,7 +222,7 @@ impl Frontend {
     /// Describes the input and the outputs. Inputs may be BF16, FP16 or
     /// FP32; `output` follows the input's datatype.
     pub fn metadata(&self) -> (Vec<TensorInfo>, Vec<TensorInfo>) {
-        let (h, k) = (self.shape.hidden_size as i64, self.shape.top_k as i64);
+        let (h, k) = (self.spec.shape.hidden_size as i64, self.spec.shape.top_k as i64);
         let info = |name, datatype, shape| TensorInfo { name, datatype, shape };
         (
             vec![info(INPUT, "FP32", vec![-1, h])],
@@ -221,128 +265,8 @@ impl Frontend {
     /// Validates a request, runs it through the batcher and returns the
     /// requested outputs in the requested order.
     pub async fn infer(&self, request: InferRequest) -> Result<Vec<OutputTensor>, Status> {
-        self.check_model(&request.model_name, &request.model_version)?;
-
-        // Parameters.
-        let mut layer = None;
-        let mut mode = WireMode::Unspecified;
-        for (key, value) in request.parameters {
-            match (key.as_str(), value) {
-                ("layer", Parameter::Int(value)) => layer = Some(value),
-                ("layer", _) => return Err(Status::invalid_argument("parameter layer: expected an int64 value")),
-                ("routing", Parameter::Str(value)) => {
-                    mode = match value.as_str() {
-                        "moge" => WireMode::Moge,
-                        "top-k" => WireMode::TopK,
-                        "group-limited" => WireMode::GroupLimited,
-                        other => {
-                            return Err(Status::invalid_argument(format!(
-                                "parameter routing: {other:?} is not a routing mode, expected moge, top-k or group-limited"
-                            )));
-                        }
-                    }
-                }
-                ("routing", _) => return Err(Status::invalid_argument("parameter routing: expected a string value")),
-                (key, _) if IGNORED_PARAMETERS.contains(&key) => {}
-                (key, _) => {
-                    return Err(Status::invalid_argument(format!(
-                        "parameter {key:?} is not supported, expected layer or routing"
-                    )));
-                }
-            }
-        }
-        let layer = match layer {
-            None => self.layers[0],
-            Some(value) => u32::try_from(value)
-                .ok()
-                .filter(|layer| self.layers.contains(layer))
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "parameter layer: {value} is not hosted, expected one of {:?}",
-                        self.layers
-                    ))
-                })?,
-        };
-
-        // The one input: name, datatype, shape, then its bytes.
-        let [input] = &request.inputs[..] else {
-            return Err(Status::invalid_argument(format!(
-                "inputs: {} given, expected exactly one, {INPUT}",
-                request.inputs.len()
-            )));
-        };
-        if input.name != INPUT {
-            return Err(Status::invalid_argument(format!(
-                "input {:?} is not known, expected {INPUT}",
-                input.name
-            )));
-        }
-        let dtype = parse_datatype(&input.datatype)?;
-        let h = self.shape.hidden_size;
-        let tokens = match input.shape[..] {
-            [tokens, width] if tokens >= 0 && width == h as i64 => tokens as usize,
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "input {INPUT}: shape {:?} is invalid, expected [T, {h}] with T >= 0",
-                    input.shape
-                )));
-            }
-        };
-        if tokens > self.max_batch_tokens {
-            return Err(Status::invalid_argument(format!(
-                "input {INPUT}: {tokens} tokens exceed the limit of {}",
-                self.max_batch_tokens
-            )));
-        }
-        let raw: Bytes = match &input.data {
-            InputData::Raw(raw) => raw.clone(),
-            InputData::Fp32(values) => DType::F32.encode(values).into(),
-            InputData::TypedNotFp32 => {
-                return Err(Status::invalid_argument(format!(
-                    "input {INPUT}: typed contents carry only FP32, send {} as raw bytes",
-                    input.datatype
-                )));
-            }
-            InputData::Ambiguous => {
-                return Err(Status::invalid_argument(format!(
-                    "input {INPUT}: expected its data in exactly one of raw_input_contents or contents"
-                )));
-            }
-        };
-        let expected_bytes = tokens * h * dtype.size();
-        if raw.len() != expected_bytes {
-            return Err(Status::invalid_argument(format!(
-                "input {INPUT}: {} bytes do not match shape [{tokens}, {h}] of {} ({expected_bytes} bytes)",
-                raw.len(),
-                input.datatype
-            )));
-        }
-        let values = dtype
-            .decode(&raw)
-            .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        if let Some(index) = values.iter().position(|value| !value.is_finite()) {
-            return Err(Status::invalid_argument(format!(
-                "input {INPUT}: element [{}, {}] is {}, expected finite values",
-                index / h,
-                index % h,
-                values[index]
-            )));
-        }
-
-        // Requested outputs: `output` when none are named.
-        let mut requested: Vec<String> = request.outputs;
-        if requested.is_empty() {
-            requested.push("output".to_owned());
-        }
-        let mut seen = BTreeSet::new();
-        for name in &requested {
-            if !OUTPUTS.contains(&name.as_str()) || !seen.insert(name.clone()) {
-                return Err(Status::invalid_argument(format!(
-                    "output {name:?} is unknown or repeated, expected each of {OUTPUTS:?} at most once"
-                )));
-            }
-        }
-
+        let request = self.spec.validate(request)?;
+        let (layer, tokens, dtype) = (request.layer, request.tokens, request.dtype);
         let span = tracing::Span::current();
         span.record("moge.layer", layer);
         span.record("moge.tokens", tokens);
@@ -353,22 +277,28 @@ impl Frontend {
                 expert_weights: Vec::new(),
             }
         } else {
-            self.batcher
-                .submit(layer, mode as i32, dtype, tokens, raw)
-                .await
-                .inspect_err(|status| {
-                    tracing::debug!(layer, tokens, code = ?status.code(), message = status.message(), "inference failed");
-                })?
+            let submitted = BatchRequest {
+                layer,
+                mode: request.mode as i32,
+                dtype,
+                tokens,
+                hidden: request.hidden,
+                timeout: shorter(request.timeout, self.request_timeout),
+            };
+            self.batcher.submit(submitted).await.inspect_err(|status| {
+                tracing::debug!(layer, tokens, code = ?status.code(), message = status.message(), "inference failed");
+            })?
         };
 
-        let k = self.shape.top_k as i64;
-        let outputs = requested
+        let (h, k) = (self.spec.shape.hidden_size as i64, self.spec.shape.top_k as i64);
+        let outputs = request
+            .outputs
             .into_iter()
             .map(|name| {
                 let (datatype, shape, data, element) = match name.as_str() {
                     "output" => (
-                        input.datatype.clone(),
-                        vec![tokens as i64, h as i64],
+                        request.datatype.clone(),
+                        vec![tokens as i64, h],
                         dtype.encode(&result.output),
                         Element::Float(dtype),
                     ),

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
@@ -92,7 +93,7 @@ fn metadata(frontend: &Frontend, model: &str, version: &str) -> Result<Json<Valu
     frontend.check_model(model, version)?;
     let (inputs, outputs) = frontend.metadata();
     Ok(Json(json!({
-        "name": frontend.model_name,
+        "name": frontend.spec.model_name,
         "versions": ["1"],
         "platform": "moge",
         "inputs": inputs.into_iter().map(tensor_json).collect::<Vec<_>>(),
@@ -114,22 +115,42 @@ async fn model_metadata_version(
     metadata(&frontend, &model, &version)
 }
 
+/// Builds the response to a request body that could not be read, such as
+/// one over `--max-message-bytes`: the rejection's status and a JSON error.
+fn body_error(rejection: BytesRejection) -> Response {
+    let message = format!(
+        "request body rejected: {}; the limit is set by --max-message-bytes",
+        rejection.body_text()
+    );
+    (rejection.status(), Json(json!({ "error": message }))).into_response()
+}
+
 async fn infer(
     State(frontend): State<Arc<Frontend>>,
     Path(model): Path<String>,
     headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, HttpError> {
-    observe_infer(&frontend, model, String::new(), &headers, &body).await
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body {
+        Ok(body) => observe_infer(&frontend, model, String::new(), &headers, &body)
+            .await
+            .into_response(),
+        Err(rejection) => body_error(rejection),
+    }
 }
 
 async fn infer_version(
     State(frontend): State<Arc<Frontend>>,
     Path((model, version)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
-    body: Bytes,
-) -> Result<Json<Value>, HttpError> {
-    observe_infer(&frontend, model, version, &headers, &body).await
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body {
+        Ok(body) => observe_infer(&frontend, model, version, &headers, &body)
+            .await
+            .into_response(),
+        Err(rejection) => body_error(rejection),
+    }
 }
 
 /// Per device, the assignments over the last minute and in total, with
@@ -253,10 +274,11 @@ async fn run_infer(frontend: &Frontend, model: String, version: String, body: &[
         parameters,
         inputs,
         outputs,
+        timeout: None,
     };
     let outputs = frontend.infer(neutral).await?;
     let mut response = json!({
-        "model_name": frontend.model_name,
+        "model_name": frontend.spec.model_name,
         "model_version": "1",
         "outputs": outputs.into_iter().map(output_json).collect::<Vec<_>>(),
     });

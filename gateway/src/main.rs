@@ -19,6 +19,7 @@ mod pipeline;
 mod security;
 mod upstream;
 mod upstream_tls;
+mod validate;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -29,14 +30,14 @@ use clap::Parser;
 use moge_shared::proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use moge_shared::proto::moge::v1::DescribeRequest;
 use moge_shared::proto::moge::v1::host_client::HostClient;
-use moge_shared::service::serve_grpc;
+use moge_shared::service::serve_grpc_with_readiness;
 use moge_telemetry::{RpcLayer, Telemetry, TelemetryArgs};
 use opentelemetry::KeyValue;
 use std::path::PathBuf;
 
 use crate::batcher::{BatchLimits, Batcher};
 use crate::embedded::Embedded;
-use crate::frontend::Frontend;
+use crate::frontend::{Frontend, ModelSpec};
 use crate::kserve::KServe;
 use crate::metrics::GatewayMetrics;
 use crate::pipeline::Shape;
@@ -87,6 +88,16 @@ struct Args {
     /// Batches that run at once; while one is in the experts, the next gathers requests.
     #[arg(long, env = "MOGE_MAX_INFLIGHT_BATCHES", default_value_t = 2)]
     max_inflight_batches: usize,
+    /// Most tokens admitted but not yet in a running batch, over all
+    /// layers; a request beyond it gets RESOURCE_EXHAUSTED (HTTP 429) at
+    /// once. At least --max-batch-tokens.
+    #[arg(long, env = "MOGE_MAX_QUEUED_TOKENS", default_value_t = 65536)]
+    max_queued_tokens: usize,
+    /// Milliseconds a request may take when its client sets no deadline,
+    /// and the most it may take when the client sets a longer one; 0 for
+    /// no limit. A request past its deadline gets DEADLINE_EXCEEDED.
+    #[arg(long, env = "MOGE_REQUEST_TIMEOUT_MS", default_value_t = 0)]
+    request_timeout_ms: u64,
     /// Address to listen on.
     #[arg(long, env = "MOGE_HOST", default_value = "127.0.0.1")]
     host: IpAddr,
@@ -128,6 +139,15 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = moge_shared::settings::parse::<Args>();
+    if args.max_queued_tokens < args.max_batch_tokens {
+        bail!(
+            "--max-queued-tokens {} is less than --max-batch-tokens {}, so the largest request could never \
+             be queued; expected at least {}",
+            args.max_queued_tokens,
+            args.max_batch_tokens,
+            args.max_batch_tokens
+        );
+    }
     if args.replica.is_empty() {
         args.replica = SocketAddr::new(args.host, args.grpc_port).to_string();
     }
@@ -202,8 +222,8 @@ async fn main() -> anyhow::Result<()> {
         upstreams.router.probe().await;
         let attempt = upstreams
             .router
-            .call(|channel| async move {
-                let mut client = HostClient::new(channel);
+            .call(None, |attempt| async move {
+                let mut client = HostClient::new(attempt.channel);
                 client
                     .describe(DescribeRequest {})
                     .await
@@ -250,7 +270,9 @@ async fn main() -> anyhow::Result<()> {
     for pool in upstreams.pools() {
         pool.probe().await;
     }
-    upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms));
+    // gRPC health of the inference service follows readiness, for probes.
+    let (ready, readiness) = tokio::sync::watch::channel(upstreams.is_ready());
+    upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms), ready);
 
     let routing_mode = match moge_shared::proto::moge::v1::RoutingMode::try_from(description.default_mode) {
         Ok(moge_shared::proto::moge::v1::RoutingMode::TopK) => "top-k",
@@ -262,12 +284,16 @@ async fn main() -> anyhow::Result<()> {
         max_batch_tokens: args.max_batch_tokens,
         max_queue_delay: Duration::from_micros(args.max_queue_delay_us),
         max_inflight: args.max_inflight_batches,
+        max_queued_tokens: args.max_queued_tokens,
     };
     let frontend = Frontend {
-        model_name: args.model_name.clone(),
-        layers: description.layers.clone(),
-        shape,
-        max_batch_tokens: args.max_batch_tokens,
+        spec: ModelSpec {
+            model_name: args.model_name.clone(),
+            layers: description.layers.clone(),
+            shape,
+            max_batch_tokens: args.max_batch_tokens,
+        },
+        request_timeout: (args.request_timeout_ms > 0).then(|| Duration::from_millis(args.request_timeout_ms)),
         batcher: Batcher::new(
             Arc::clone(&upstreams),
             shape,
@@ -285,13 +311,14 @@ async fn main() -> anyhow::Result<()> {
         .max_decoding_message_size(args.max_message_bytes)
         .max_encoding_message_size(args.max_message_bytes);
     let rpc = RpcLayer::new(vec![KeyValue::new("replica", args.replica.clone())]);
-    let served = serve_grpc(
+    let served = serve_grpc_with_readiness(
         grpc_listener,
         drain_timeout,
         security.grpc_routes(service),
         "inference.GRPCInferenceService",
         rpc,
         security.grpc_tls.clone(),
+        readiness,
     )
     .await;
     if tokio::time::timeout(drain_timeout, http_server).await.is_err() {

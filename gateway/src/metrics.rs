@@ -2,6 +2,7 @@
 //! the straggler gap, ready replicas, and the balance report's tracker.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use moge_telemetry::LATENCY_BUCKETS;
 use moge_telemetry::balance::{BalanceTracker, DeviceShare};
@@ -53,6 +54,9 @@ pub struct GatewayMetrics {
     straggler_gap: Histogram<f64>,
     _ready_replicas: ObservableGauge<u64>,
     _configured_replicas: ObservableGauge<u64>,
+    _queued_tokens: ObservableGauge<u64>,
+    /// Tokens admitted but not yet in a running batch; the batcher updates it.
+    pub queued_tokens: Arc<AtomicUsize>,
     /// Per-device loads for `GET /v1/balance`.
     pub balance: BalanceTracker,
 }
@@ -97,6 +101,8 @@ impl GatewayMetrics {
         };
         let ready = Arc::clone(upstreams);
         let configured = Arc::clone(upstreams);
+        let queued_tokens = Arc::new(AtomicUsize::new(0));
+        let queued = Arc::clone(&queued_tokens);
         GatewayMetrics {
             requests: meter
                 .u64_counter("moge_gateway_requests")
@@ -155,6 +161,13 @@ impl GatewayMetrics {
                     }
                 })
                 .build(),
+            _queued_tokens: meter
+                .u64_observable_gauge("moge_gateway_queued_tokens")
+                .with_unit("{token}")
+                .with_description("Tokens admitted but not yet in a running batch, limited by --max-queued-tokens")
+                .with_callback(move |observer| observer.observe(queued.load(Ordering::Relaxed) as u64, &[]))
+                .build(),
+            queued_tokens,
             balance: BalanceTracker::new(upstreams.groups.len(), routing_mode),
         }
     }

@@ -42,6 +42,9 @@ pub struct LayerBatch {
     pub hidden: Bytes,
     /// `moge.v1.RoutingMode` value; 0 for the router's default.
     pub mode: i32,
+    /// Time by which every upstream call must finish, sent on as
+    /// `grpc-timeout`; None for no limit.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// The combined output of a batch.
@@ -124,10 +127,10 @@ pub async fn execute(
     );
     let (routed, _) = upstreams
         .router
-        .call(|channel| {
-            let request = traced_request(route.clone());
+        .call(batch.deadline, |attempt| {
+            let request = attempt.request(traced_request(route.clone()));
             async move {
-                let mut client = RouterClient::new(channel).max_decoding_message_size(max_message_bytes);
+                let mut client = RouterClient::new(attempt.channel).max_decoding_message_size(max_message_bytes);
                 client.route(request).await.map(tonic::Response::into_inner)
             }
         })
@@ -195,14 +198,26 @@ pub async fn execute(
             weights: encode_f32s(&weights),
         };
         let span = compute_span(Some(group), rows.len());
-        calls.spawn(compute(Arc::clone(upstreams), Some(group), request, max_message_bytes).instrument(span));
+        calls.spawn(
+            compute(
+                Arc::clone(upstreams),
+                Some(group),
+                request,
+                max_message_bytes,
+                batch.deadline,
+            )
+            .instrument(span),
+        );
     }
     let shared = ComputeRequest {
         layer: batch.layer,
         hidden_states: Some(tensor(batch.dtype, tokens, h, batch.hidden.clone())),
         ..Default::default()
     };
-    calls.spawn(compute(Arc::clone(upstreams), None, shared, max_message_bytes).instrument(compute_span(None, tokens)));
+    calls.spawn(
+        compute(Arc::clone(upstreams), None, shared, max_message_bytes, batch.deadline)
+            .instrument(compute_span(None, tokens)),
+    );
 
     let mut partials: Vec<Option<Vec<f32>>> = vec![None; shape.num_groups];
     let mut shared_output = None;
@@ -304,16 +319,17 @@ async fn compute(
     group: Option<usize>,
     request: ComputeRequest,
     max_message_bytes: usize,
+    deadline: Option<tokio::time::Instant>,
 ) -> Result<(Option<usize>, Vec<f32>, Arc<str>), PipelineError> {
     let pool = match group {
         Some(group) => &upstreams.groups[group],
         None => &upstreams.shared_expert,
     };
     let (reply, replica) = pool
-        .call(|channel| {
-            let request = traced_request(request.clone());
+        .call(deadline, |attempt| {
+            let request = attempt.request(traced_request(request.clone()));
             async move {
-                let mut client = ExpertGroupClient::new(channel)
+                let mut client = ExpertGroupClient::new(attempt.channel)
                     .max_decoding_message_size(max_message_bytes)
                     .max_encoding_message_size(max_message_bytes);
                 client.compute(request).await.map(tonic::Response::into_inner)

@@ -1,9 +1,16 @@
 //! Connections to the router, every expert group and the shared expert,
-//! with replica failover and a background health probe.
+//! with replica failover, ejection of failing replicas and a background
+//! health probe.
+//!
+//! Every upstream call is a pure function of its request (routing or
+//! expert compute, no state changes on the replica), so a call that failed
+//! on one replica can be sent to another without risk of applying it twice.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use moge_shared::proto::moge::v1::host_client::HostClient;
 use moge_shared::proto::moge::v1::{DescribeRequest, Role};
@@ -28,6 +35,29 @@ pub struct Replica {
     identity: AtomicU8,
     /// Name the replica reports (`--replica`), or the URL until it was described.
     name: Mutex<Arc<str>>,
+    /// Consecutive failed calls and the ejection they caused.
+    ejection: Mutex<Ejection>,
+}
+
+/// First ejection of a replica after a failed call; each further
+/// consecutive failure doubles it, up to [`MAX_EJECTION`].
+pub const BASE_EJECTION: Duration = Duration::from_millis(250);
+/// Maximum ejection of a replica.
+pub const MAX_EJECTION: Duration = Duration::from_secs(8);
+
+/// Failure state of one replica.
+#[derive(Debug, Default)]
+struct Ejection {
+    /// Failed calls since the last successful one.
+    failures: u32,
+    /// End of the current ejection; the replica gets no call and no probe before it.
+    until: Option<Instant>,
+}
+
+/// Returns how long a replica is ejected after `failures` consecutive failures.
+fn ejection_time(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BASE_EJECTION.saturating_mul(1 << doublings).min(MAX_EJECTION)
 }
 
 const UNVERIFIED: u8 = 0;
@@ -108,6 +138,7 @@ impl Pool {
                     inflight: AtomicUsize::new(0),
                     identity: AtomicU8::new(UNVERIFIED),
                     name: Mutex::new(Arc::from(url.as_str())),
+                    ejection: Mutex::new(Ejection::default()),
                 })
             })
             .collect::<Result<Vec<_>, AddressError>>()?;
@@ -124,13 +155,15 @@ impl Pool {
     /// by power of two choices among the ready replicas: of two picked in
     /// rotation, the one with fewer calls in flight. The other ready ones
     /// follow, then the ones not ready, as fallbacks. Replicas whose identity
-    /// is not verified never get a call.
+    /// is not verified, and ejected replicas, never get a call.
     pub fn order(&self) -> Vec<&Replica> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let count = self.replicas.len();
+        let now = Instant::now();
         let rotated = (0..count)
             .map(|offset| &self.replicas[(start + offset) % count])
-            .filter(|replica| replica.identity.load(Ordering::Relaxed) == VERIFIED);
+            .filter(|replica| replica.identity.load(Ordering::Relaxed) == VERIFIED)
+            .filter(|replica| !replica.is_ejected(now));
         let (mut ready, not_ready): (Vec<&Replica>, Vec<&Replica>) = rotated.partition(|replica| replica.is_ready());
         if ready.len() >= 2 {
             // The second candidate sits half the ring away, so that two
@@ -153,9 +186,13 @@ impl Pool {
         self.replicas.iter().filter(|replica| replica.is_ready()).count()
     }
 
-    /// Checks every replica's health once.
+    /// Checks the health of every replica that is not ejected.
     pub async fn probe(&self) {
         for replica in &self.replicas {
+            if replica.is_ejected(Instant::now()) {
+                replica.ready.store(false, Ordering::Relaxed);
+                continue;
+            }
             let mut client = HealthClient::new(replica.channel.clone());
             let request = HealthCheckRequest {
                 service: self.service.to_owned(),
@@ -213,23 +250,53 @@ impl Pool {
         false
     }
 
-    /// Marks a replica not ready after a failed call, until the next probe.
-    pub fn mark_failed(&self, replica: &Replica, error: &tonic::Status) {
-        if replica.ready.swap(false, Ordering::Relaxed) {
-            tracing::warn!(
-                upstream = %self.name,
-                replica = %replica.url,
-                code = ?error.code(),
-                message = error.message(),
-                "replica failed; will retry the call on another replica"
-            );
+    /// Ejects a replica after a failed call: it gets no call and no probe
+    /// for [`ejection_time`] of its consecutive failures, then the probe
+    /// decides when it is ready again. Calls that fail while the replica is
+    /// already ejected (they were in flight) do not extend the ejection.
+    pub fn eject(&self, replica: &Replica, error: &tonic::Status) {
+        replica.ready.store(false, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut ejection = replica.ejection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ejection.until.is_some_and(|until| until > now) {
+            return;
         }
+        ejection.failures = ejection.failures.saturating_add(1);
+        let time = ejection_time(ejection.failures);
+        ejection.until = Some(now + time);
+        tracing::warn!(
+            upstream = %self.name,
+            replica = %replica.url,
+            code = ?error.code(),
+            message = error.message(),
+            consecutive_failures = ejection.failures,
+            ejected_ms = time.as_millis() as u64,
+            "replica failed; ejected, calls go to other replicas"
+        );
     }
 }
 
 impl Replica {
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    fn is_ejected(&self, now: Instant) -> bool {
+        let ejection = self.ejection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ejection.until.is_some_and(|until| until > now)
+    }
+
+    /// Ends the replica's run of failures after a successful call.
+    fn record_success(&self) {
+        let mut ejection = self.ejection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if ejection.failures > 0 {
+            tracing::info!(
+                replica = %self.url,
+                consecutive_failures = ejection.failures,
+                "replica answered again after failures"
+            );
+        }
+        *ejection = Ejection::default();
     }
 
     /// Name the replica reports, for metrics and the balance report.
@@ -262,14 +329,17 @@ impl Upstreams {
         self.pools().all(Pool::is_ready)
     }
 
-    /// Probes every replica every `interval`, forever.
-    pub fn spawn_probe(self: &Arc<Self>, interval: Duration) {
+    /// Probes every replica every `interval`, forever, and publishes
+    /// [`Upstreams::is_ready`] after each round on `ready`.
+    pub fn spawn_probe(self: &Arc<Self>, interval: Duration, ready: tokio::sync::watch::Sender<bool>) {
         let upstreams = Arc::clone(self);
         tokio::spawn(async move {
             loop {
                 for pool in upstreams.pools() {
                     pool.probe().await;
                 }
+                let now_ready = upstreams.is_ready();
+                ready.send_if_modified(|state| std::mem::replace(state, now_ready) != now_ready);
                 tokio::time::sleep(interval).await;
             }
         });
@@ -304,26 +374,113 @@ pub enum CallError {
         /// The upstream's status.
         status: tonic::Status,
     },
+    /// The deadline of the call passed before a replica responded.
+    #[error("{upstream}: the request deadline passed after {attempts} attempt(s)")]
+    DeadlineExceeded {
+        /// Pool name.
+        upstream: String,
+        /// Replicas called before the deadline passed.
+        attempts: usize,
+    },
+}
+
+/// One try of a call on one replica.
+pub struct Attempt {
+    /// Channel to the replica.
+    pub channel: Channel,
+    /// Time left until the call's deadline, to send as `grpc-timeout`;
+    /// None without a deadline.
+    pub timeout: Option<Duration>,
+    /// Address of the replica; tests tell replicas apart by it.
+    #[cfg(test)]
+    pub url: String,
+}
+
+impl Attempt {
+    /// Sets the attempt's timeout on `request`, sent as `grpc-timeout`.
+    pub fn request<T>(&self, mut request: tonic::Request<T>) -> tonic::Request<T> {
+        if let Some(timeout) = self.timeout {
+            request.set_timeout(timeout);
+        }
+        request
+    }
+}
+
+/// Keeps a replica's in-flight count right when a call is dropped midway.
+struct InflightGuard<'a>(&'a AtomicUsize);
+
+impl<'a> InflightGuard<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(counter)
+    }
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Pool {
-    /// Calls `call` on one replica after another until one succeeds or
-    /// fails with an error another replica would share. Returns the result
-    /// and the replica that produced it.
-    pub async fn call<T, F, Fut>(&self, call: F) -> Result<(T, &Replica), CallError>
+    /// Calls `call` on one replica after another until one succeeds, fails
+    /// with an error another replica would share, or `deadline` passes.
+    /// Each replica gets at most one try, and a replica whose try failed
+    /// with a retryable error is ejected. Returns the result and the
+    /// replica that produced it.
+    pub async fn call<T, F, Fut>(&self, deadline: Option<Instant>, call: F) -> Result<(T, &Replica), CallError>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut last = "no replica configured".to_owned();
+        let mut last = "no replica configured or every replica ejected".to_owned();
+        let mut attempts = 0;
+        let deadline_error = |attempts| CallError::DeadlineExceeded {
+            upstream: self.name.clone(),
+            attempts,
+        };
         for replica in self.order() {
-            replica.inflight.fetch_add(1, Ordering::Relaxed);
-            let result = call(replica.channel.clone()).await;
-            replica.inflight.fetch_sub(1, Ordering::Relaxed);
+            let timeout = match deadline {
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(deadline_error(attempts));
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            if attempts > 0 {
+                tracing::debug!(upstream = %self.name, replica = %replica.url, attempts, "retrying the call on another replica");
+            }
+            attempts += 1;
+            let attempt = Attempt {
+                channel: replica.channel.clone(),
+                timeout,
+                #[cfg(test)]
+                url: replica.url.clone(),
+            };
+            let result = {
+                let _inflight = InflightGuard::new(&replica.inflight);
+                match deadline {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, call(attempt)).await {
+                        Ok(result) => result,
+                        Err(_) => return Err(deadline_error(attempts)),
+                    },
+                    None => call(attempt).await,
+                }
+            };
             match result {
-                Ok(value) => return Ok((value, replica)),
+                Ok(value) => {
+                    replica.record_success();
+                    return Ok((value, replica));
+                }
+                // The replica is not at fault when the call ran out of time.
+                Err(_) if deadline.is_some_and(|deadline| deadline <= Instant::now()) => {
+                    return Err(deadline_error(attempts));
+                }
                 Err(status) if is_retryable(status.code()) => {
-                    self.mark_failed(replica, &status);
+                    self.eject(replica, &status);
                     last = format!("{}: {}", replica.url, status.message());
                 }
                 Err(status) => {
@@ -399,6 +556,117 @@ mod tests {
             assert_eq!(order.len(), 1);
             assert_eq!(order[0].url, pool.replicas[1].url);
         }
+    }
+
+    fn ready_pool(replicas: usize) -> Pool {
+        let pool = pool(replicas);
+        for replica in &pool.replicas {
+            replica.ready.store(true, Ordering::Relaxed);
+        }
+        pool
+    }
+
+    #[tokio::test]
+    async fn failing_replica_is_ejected_and_call_retried() {
+        let pool = ready_pool(2);
+        let bad = pool.replicas[0].url.clone();
+        for _ in 0..4 {
+            let bad = bad.clone();
+            let (url, replica) = pool
+                .call(None, |attempt| {
+                    let bad = bad.clone();
+                    async move {
+                        if attempt.url == bad {
+                            Err(tonic::Status::unavailable("connection refused"))
+                        } else {
+                            Ok(attempt.url)
+                        }
+                    }
+                })
+                .await
+                .unwrap();
+            assert_eq!(url, pool.replicas[1].url);
+            assert_eq!(replica.url, pool.replicas[1].url);
+        }
+        assert!(!pool.replicas[0].is_ready());
+        let order = pool.order();
+        assert_eq!(order.len(), 1, "the ejected replica must not be tried");
+        assert_eq!(order[0].url, pool.replicas[1].url);
+    }
+
+    #[test]
+    fn ejection_doubles_up_to_the_maximum() {
+        assert_eq!(ejection_time(1), BASE_EJECTION);
+        assert_eq!(ejection_time(2), BASE_EJECTION * 2);
+        assert_eq!(ejection_time(3), BASE_EJECTION * 4);
+        assert_eq!(ejection_time(40), MAX_EJECTION);
+        assert_eq!(ejection_time(u32::MAX), MAX_EJECTION);
+    }
+
+    #[tokio::test]
+    async fn every_replica_ejected_is_unavailable_at_once() {
+        let pool = ready_pool(2);
+        let failed = pool
+            .call(None, |_| async { Err::<(), _>(tonic::Status::unavailable("down")) })
+            .await
+            .err()
+            .expect("the call fails");
+        assert!(matches!(failed, CallError::Unavailable { .. }), "{failed}");
+        let calls = AtomicUsize::new(0);
+        let again = pool
+            .call(None, |_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async { Ok(()) }
+            })
+            .await
+            .err()
+            .expect("the call fails");
+        assert!(matches!(again, CallError::Unavailable { .. }), "{again}");
+        assert_eq!(calls.load(Ordering::Relaxed), 0, "ejected replicas got a call");
+    }
+
+    #[tokio::test]
+    async fn call_stops_at_deadline_without_ejecting() {
+        let pool = ready_pool(2);
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let failed = pool
+            .call(Some(deadline), |attempt| async move {
+                assert!(
+                    attempt
+                        .timeout
+                        .is_some_and(|timeout| timeout <= Duration::from_millis(50))
+                );
+                std::future::pending::<Result<(), tonic::Status>>().await
+            })
+            .await
+            .err()
+            .expect("the call fails");
+        assert!(
+            matches!(failed, CallError::DeadlineExceeded { attempts: 1, .. }),
+            "{failed}"
+        );
+        assert!(pool.replicas.iter().all(Replica::is_ready), "a timeout must not eject");
+        assert!(
+            pool.replicas
+                .iter()
+                .all(|replica| replica.inflight.load(Ordering::Relaxed) == 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn rejected_call_is_not_retried() {
+        let pool = ready_pool(2);
+        let calls = AtomicUsize::new(0);
+        let failed = pool
+            .call(None, |_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async { Err::<(), _>(tonic::Status::invalid_argument("bad shape")) }
+            })
+            .await
+            .err()
+            .expect("the call fails");
+        assert!(matches!(failed, CallError::Rejected { .. }), "{failed}");
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

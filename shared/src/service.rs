@@ -85,6 +85,29 @@ pub async fn serve_grpc(
     .await
 }
 
+/// Like [`serve_grpc`], but the health of `service_name` follows `ready`:
+/// SERVING while it is true, NOT_SERVING while false, and NOT_SERVING from
+/// SIGTERM on. The overall service `""` stays SERVING until shutdown, so a
+/// liveness probe does not restart a process that waits for its upstreams.
+pub async fn serve_grpc_with_readiness(
+    listener: tokio::net::TcpListener,
+    drain_timeout: std::time::Duration,
+    routes: tonic::service::Routes,
+    service_name: &str,
+    rpc: moge_telemetry::RpcLayer,
+    tls: Option<Arc<ServerConfig>>,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let options = Options {
+        drain_timeout,
+        service_name,
+        rpc,
+        tls,
+        ready: Some(ready),
+    };
+    serve(listener, routes, options, shutdown_signal()).await
+}
+
 /// Serves `routes` plus `grpc.health.v1` and server reflection on
 /// `listener` until `shutdown` completes, then marks `service_name`
 /// NOT_SERVING, stops accepting connections and waits up to `drain_timeout`
@@ -102,6 +125,40 @@ pub async fn serve_grpc_until(
     tls: Option<Arc<ServerConfig>>,
     shutdown: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), ServeError> {
+    let options = Options {
+        drain_timeout,
+        service_name,
+        rpc,
+        tls,
+        ready: None,
+    };
+    serve(listener, routes, options, shutdown).await
+}
+
+/// How [`serve`] runs a server besides its routes.
+struct Options<'a> {
+    drain_timeout: std::time::Duration,
+    service_name: &'a str,
+    rpc: moge_telemetry::RpcLayer,
+    tls: Option<Arc<ServerConfig>>,
+    /// When set, the health of `service_name` follows it until shutdown.
+    ready: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// Serves as [`serve_grpc_until`] describes.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    routes: tonic::service::Routes,
+    options: Options<'_>,
+    shutdown: impl std::future::Future<Output = &'static str>,
+) -> Result<(), ServeError> {
+    let Options {
+        drain_timeout,
+        service_name,
+        rpc,
+        tls,
+        ready,
+    } = options;
     use tonic_health::ServingStatus;
 
     let address = listener.local_addr().map_err(|source| ServeError::Bind {
@@ -109,7 +166,32 @@ pub async fn serve_grpc_until(
         source,
     })?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status(service_name, ServingStatus::Serving).await;
+    let status_of = |ready: bool| {
+        if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    };
+    let follower = match ready {
+        None => {
+            health.set_service_status(service_name, ServingStatus::Serving).await;
+            None
+        }
+        Some(mut ready) => {
+            let initial = *ready.borrow_and_update();
+            health.set_service_status(service_name, status_of(initial)).await;
+            let health = health.clone();
+            let name = service_name.to_owned();
+            Some(tokio::spawn(async move {
+                while ready.changed().await.is_ok() {
+                    let now = *ready.borrow_and_update();
+                    tracing::info!(service = %name, ready = now, "health status follows readiness");
+                    health.set_service_status(&name, status_of(now)).await;
+                }
+            }))
+        }
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -141,6 +223,9 @@ pub async fn serve_grpc_until(
     tracing::info!(%address, service = service_name, tls = tls_enabled, "listening");
 
     let signal = shutdown.await;
+    if let Some(follower) = follower {
+        follower.abort();
+    }
     tracing::info!(
         signal,
         service = service_name,

@@ -89,22 +89,33 @@ impl ServiceProcess {
         }
     }
 
-    /// Returns the first log line that contains every one of `needles`,
-    /// reading more lines for at most `timeout` if none has come yet.
-    pub fn wait_for_log(&mut self, needles: &[&str], timeout: std::time::Duration) -> String {
-        let matches = |line: &String| needles.iter().all(|needle| line.contains(needle));
-        if let Some(line) = self.log.iter().find(|line| matches(line)) {
+    /// Process id of the service.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Returns the first log line, read so far or arriving within
+    /// `timeout`, that contains every string of `patterns`.
+    pub fn wait_for_log(&mut self, patterns: &[&str], timeout: std::time::Duration) -> String {
+        self.wait_for_log_after(0, patterns, timeout)
+    }
+
+    /// Like [`ServiceProcess::wait_for_log`], but skips the first `start`
+    /// lines of [`ServiceProcess::log`].
+    pub fn wait_for_log_after(&mut self, start: usize, patterns: &[&str], timeout: std::time::Duration) -> String {
+        let matches = |line: &String| patterns.iter().all(|pattern| line.contains(pattern));
+        if let Some(line) = self.log.iter().skip(start).find(|line| matches(line)) {
             return line.clone();
         }
         let deadline = std::time::Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let Ok(line) = self.lines.recv_timeout(left) else {
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
                 panic!(
-                    "no log line with {needles:?} within {timeout:?}; log so far:\n{}",
+                    "no log line with {patterns:?} within {timeout:?}; log so far:\n{}",
                     self.log.join("\n")
-                );
-            };
+                )
+            });
             self.log.push(line.clone());
             if matches(&line) {
                 return line;
@@ -112,14 +123,25 @@ impl ServiceProcess {
         }
     }
 
-    /// Sends SIGTERM and waits, at most `timeout`, for the exit status;
-    /// collects the log lines written meanwhile.
-    pub fn terminate(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+    /// Sends SIGTERM without waiting for the exit.
+    pub fn send_sigterm(&self) {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Sends SIGTERM and waits, at most `timeout`, for the exit status;
+    /// collects the log lines written meanwhile.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait_exit(timeout)
+    }
+
+    /// Waits, at most `timeout`, for the exit status after a signal;
+    /// collects the log lines written meanwhile.
+    pub fn wait_exit(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("the child can be waited on") {
@@ -130,7 +152,7 @@ impl ServiceProcess {
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the service did not exit within {timeout:?} of SIGTERM"
+                "the service did not exit within {timeout:?}"
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -181,6 +203,18 @@ pub fn start_stack(ckpt: &str, extra: &[&str]) -> Stack {
         scheme: "http",
         services: extra,
         gateway: extra,
+    };
+    start_stack_with(ckpt, &args)
+}
+
+/// Like [`start_stack`], with `gateway_extra` appended to the gateway's
+/// command line only.
+pub fn start_stack_with_gateway_args(ckpt: &str, extra: &[&str], gateway_extra: &[&str]) -> Stack {
+    let gateway: Vec<&str> = extra.iter().chain(gateway_extra).copied().collect();
+    let args = StackArgs {
+        scheme: "http",
+        services: extra,
+        gateway: &gateway,
     };
     start_stack_with(ckpt, &args)
 }

@@ -232,7 +232,11 @@ async fn gateway_rejects_bad_requests_by_field() {
     ));
     let mut request = good();
     request.inputs.push(request.inputs[0].clone());
-    cases.push((request, tonic::Code::InvalidArgument, "inputs: 2 given"));
+    cases.push((
+        request,
+        tonic::Code::InvalidArgument,
+        "raw_input_contents: 1 entries for 2 inputs",
+    ));
     let many = hidden_states(8193, 0);
     cases.push((
         infer_request(&many, 8193, DType::BF16, 0, &[]),
