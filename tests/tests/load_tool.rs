@@ -23,8 +23,9 @@ fn run_load(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-fn start_gateway(cache: &Path) -> (ServiceProcess, String) {
-    let gateway = ServiceProcess::start_serving(
+/// Starts the embedded gateway; returns it with its gRPC and HTTP addresses.
+fn start_gateway(cache: &Path) -> (ServiceProcess, String, String) {
+    let mut gateway = ServiceProcess::start_serving(
         "moge-gateway",
         &[
             "--grpc-port",
@@ -35,32 +36,23 @@ fn start_gateway(cache: &Path) -> (ServiceProcess, String) {
             cache.to_str().unwrap(),
         ],
         Duration::from_secs(60),
-        "kserve-http",
+        "inference.GRPCInferenceService",
     );
-    let http = gateway
-        .log
-        .iter()
-        .find(|line| line.contains("listening") && line.contains("kserve-http"))
-        .and_then(|line| line.split_whitespace().find_map(|field| field.strip_prefix("address=")))
+    let grpc = gateway.address.to_string();
+    // The HTTP server logs from its own task, so its line may come later.
+    let line = gateway.wait_for_log(&["listening", "kserve-http"], Duration::from_secs(10));
+    let http = line
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("address="))
         .map(|address| format!("http://{address}"))
         .expect("the gateway logs its HTTP address");
-    (gateway, http)
-}
-
-fn grpc_address(gateway: &ServiceProcess) -> String {
-    gateway
-        .log
-        .iter()
-        .find(|line| line.contains("listening") && line.contains("inference.GRPCInferenceService"))
-        .and_then(|line| line.split_whitespace().find_map(|field| field.strip_prefix("address=")))
-        .expect("the gateway logs its gRPC address")
-        .to_owned()
+    (gateway, grpc, http)
 }
 
 #[test]
 fn trace_replay_runs_every_planned_call() {
     let cache = tempfile::tempdir().unwrap();
-    let (gateway, http) = start_gateway(cache.path());
+    let (_gateway, grpc, http) = start_gateway(cache.path());
     let trace = cache.path().join("trace.csv");
     // Arrivals at 0, 0.5, 1.0 and 30 s; the window 0..10 keeps the first three.
     std::fs::write(
@@ -75,7 +67,7 @@ fn trace_replay_runs_every_planned_call() {
 
     let report = run_load(&[
         "--target",
-        &grpc_address(&gateway),
+        &grpc,
         "--trace",
         trace.to_str().unwrap(),
         "--window",
@@ -117,11 +109,11 @@ fn trace_replay_runs_every_planned_call() {
 #[test]
 fn closed_loop_reports_throughput_and_latency() {
     let cache = tempfile::tempdir().unwrap();
-    let (gateway, _) = start_gateway(cache.path());
+    let (_gateway, grpc, _) = start_gateway(cache.path());
 
     let report = run_load(&[
         "--target",
-        &grpc_address(&gateway),
+        &grpc,
         "--requests",
         "300",
         "--tokens",
@@ -147,12 +139,12 @@ fn closed_loop_reports_throughput_and_latency() {
 #[test]
 fn errors_are_counted_by_status() {
     let cache = tempfile::tempdir().unwrap();
-    let (gateway, _) = start_gateway(cache.path());
+    let (_gateway, grpc, _) = start_gateway(cache.path());
 
     // Layer 7 is not hosted: every call fails with INVALID_ARGUMENT.
     let report = run_load(&[
         "--target",
-        &grpc_address(&gateway),
+        &grpc,
         "--requests",
         "5",
         "--concurrency",
