@@ -120,8 +120,9 @@ def start_embedded(checkpoint: Path, name: str, *extra: str) -> tuple[Process, s
 class Split:
     """Router, eight groups, the shared expert and the gateway as separate processes.
 
-    With `cpu_share`, every expert process runs in its own cgroup capped at that
+    With `cpu_share`, every group's process runs in its own cgroup capped at that
     fraction of one CPU, so that each group behaves as a device of fixed speed.
+    The router, the shared expert and the gateway stay uncapped.
     """
 
     def __init__(self, checkpoint: Path, name: str, groups: int = 8, cpu_share: float | None = None):
@@ -129,14 +130,14 @@ class Split:
         self.cgroups: list[Path] = []
         common = ["--checkpoint", str(checkpoint), "--grpc-port", "0", "--metrics-port", "0"]
 
-        def start(binary, args, log):
+        def start(binary, args, log, capped=False):
             process = Process([str(BIN / binary), *common, *args], r"listening address=", log)
             self.parts.append(process)
-            if cpu_share is not None:
+            if capped and cpu_share is not None:
                 cgroup = CGROUP_ROOT / f"moge-bench-{log}"
                 cgroup.mkdir(exist_ok=True)
-                (cgroup / "cpu.cfs_period_us").write_text("100000")
-                (cgroup / "cpu.cfs_quota_us").write_text(str(int(100000 * cpu_share)))
+                (cgroup / "cpu.cfs_period_us").write_text("10000")
+                (cgroup / "cpu.cfs_quota_us").write_text(str(int(10000 * cpu_share)))
                 (cgroup / "cgroup.procs").write_text(str(process.process.pid))
                 self.cgroups.append(cgroup)
             return "http://" + process.field(r"listening address=(\S+)")
@@ -145,7 +146,7 @@ class Split:
         group_urls = []
         for group in range(groups):
             group_urls += ["--group", start("moge-expert", ["--group", str(group), "--compute-threads", "1"],
-                                            f"{name}-group-{group}")]
+                                            f"{name}-group-{group}", capped=True)]
         shared = start("moge-expert", ["--shared-expert", "--compute-threads", "1"], f"{name}-shared")
         grpc, http = free_port(), free_port()
         self.gateway = Process(
@@ -213,9 +214,9 @@ def start_kserve(checkpoint: Path, dtype: str) -> tuple[Process, str]:
     return server, f"127.0.0.1:{grpc}"
 
 
-def ensure_checkpoint(path: Path, *args: str):
+def ensure_checkpoint(path: Path, preset: str, *args: str):
     if not (path / "config.json").exists():
-        subprocess.run([str(BIN / "moge-ckpt"), "generate", "--preset", "small", "--out", str(path), *args],
+        subprocess.run([str(BIN / "moge-ckpt"), "generate", "--preset", preset, "--out", str(path), *args],
                        check=True, stderr=subprocess.DEVNULL)
 
 
@@ -223,70 +224,93 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decode-requests", type=int, default=20000)
     parser.add_argument("--prefill-requests", type=int, default=200)
-    parser.add_argument("--balance-requests", type=int, default=80)
+    parser.add_argument("--balance-requests", type=int, default=40)
+    parser.add_argument("--balance-preset", choices=["small", "pangu-pro-moe"], default="pangu-pro-moe",
+                        help="checkpoint shape of the balance run; the small preset's experts are too small for "
+                             "their time to follow their assignments")
+    parser.add_argument("--balance-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds of (b) with telemetry on, then off; more rounds narrow the telemetry cost")
     parser.add_argument("--group-cpu-share", type=float, default=0.15,
                         help="CPU cap of each expert process in the balance run, as a fraction of one CPU")
+    parser.add_argument("--parts", default="a,b,c,e,balance",
+                        help="comma-separated parts to run; the Markdown needs all of them")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     checkpoint = REPO / ".cache" / "bench" / "small"
-    skewed = REPO / ".cache" / "bench" / "small-skewed"
-    ensure_checkpoint(checkpoint)
-    ensure_checkpoint(skewed, "--router-skew", "2.0", "--seed", "11")
+    skewed = REPO / ".cache" / "bench" / f"{args.balance_preset}-skewed"
+    ensure_checkpoint(checkpoint, "small")
+    if "balance" in parts:
+        ensure_checkpoint(skewed, args.balance_preset, "--router-skew", "2.0", "--seed", "11")
     results: dict = {"date": str(date.today()), "machine": machine()}
 
-    print("(a) in process", file=sys.stderr)
-    results["a"] = in_process(checkpoint)
+    if "a" in parts:
+        print("(a) in process", file=sys.stderr)
+        results["a"] = in_process(checkpoint)
 
-    print("(b) embedded stack, telemetry on and off, and (d) perf_analyzer", file=sys.stderr)
-    for round_ in range(2):
-        for telemetry in ("on", "off"):
-            extra = () if telemetry == "on" else ("--disable-metrics",)
-            gateway, target, http = start_embedded(checkpoint, f"embedded-{telemetry}-{round_}", *extra)
-            key = f"b-{telemetry}-{round_}"
-            results[key] = {
-                "decode": decode_load(target, f"{key}-decode", args.decode_requests),
-                "prefill": prefill_load(target, f"{key}-prefill", args.prefill_requests),
-            }
-            if round_ == 0 and telemetry == "on":
-                results["b-single"] = single_load(target, "b-single", 2000)
-                results["d"] = perf_analyzer(target, 512)
-            gateway.stop()
+    if "b" in parts:
+        print("(b) embedded stack, telemetry on and off, and (d) perf_analyzer", file=sys.stderr)
+        for round_ in range(args.rounds):
+            for telemetry in ("on", "off"):
+                extra = () if telemetry == "on" else ("--disable-metrics",)
+                gateway, target, http = start_embedded(checkpoint, f"embedded-{telemetry}-{round_}", *extra)
+                key = f"b-{telemetry}-{round_}"
+                results[key] = {
+                    "decode": decode_load(target, f"{key}-decode", args.decode_requests),
+                    "prefill": prefill_load(target, f"{key}-prefill", args.prefill_requests),
+                }
+                if round_ == 0 and telemetry == "on":
+                    results["b-single"] = single_load(target, "b-single", 2000)
+                    results["d"] = perf_analyzer(target, 512)
+                gateway.stop()
 
-    print("(c) separate processes", file=sys.stderr)
-    split = Split(checkpoint, "split")
-    results["c"] = {
-        "decode": decode_load(split.target, "c-decode", args.decode_requests),
-        "prefill": prefill_load(split.target, "c-prefill", args.prefill_requests),
-    }
-    results["c-memory"] = split.memory()
-    split.stop()
-
-    for dtype in ("bfloat16", "float32"):
-        print(f"(e) KServe with PyTorch {dtype}", file=sys.stderr)
-        server, target = start_kserve(checkpoint, dtype)
-        results[f"e-{dtype}"] = {
-            "decode": decode_load(target, f"e-{dtype}-decode", max(2000, args.decode_requests // 10)),
-            "prefill": prefill_load(target, f"e-{dtype}-prefill", args.prefill_requests),
+    if "c" in parts:
+        print("(c) separate processes", file=sys.stderr)
+        split = Split(checkpoint, "split")
+        results["c"] = {
+            "decode": decode_load(split.target, "c-decode", args.decode_requests),
+            "prefill": prefill_load(split.target, "c-prefill", args.prefill_requests),
         }
-        server.stop()
+        results["c-memory"] = split.memory()
+        split.stop()
 
-    print("balance: MoGE against top-K, every group capped", file=sys.stderr)
-    capped = os.access(CGROUP_ROOT, os.W_OK)
-    if not capped:
-        print(f"  {CGROUP_ROOT} is not writable: groups run uncapped", file=sys.stderr)
-    split = Split(skewed, "balance", cpu_share=args.group_cpu_share if capped else None)
-    results["balance"] = {"capped": capped, "cpu_share": args.group_cpu_share}
-    for mode in ("moge", "top-k"):
-        # 512-token requests: each group's time grows with its assignments,
-        # as on a device, rather than with the experts it reads.
-        results["balance"][mode] = moge_load(
-            split.target, f"balance-{mode}", "--tokens", "512", "--requests", str(args.balance_requests),
-            "--concurrency", "2", "--routing", mode, gateway_http=split.http,
-        )
-    split.stop()
+    if "e" in parts:
+        for dtype in ("bfloat16", "float32"):
+            print(f"(e) KServe with PyTorch {dtype}", file=sys.stderr)
+            server, target = start_kserve(checkpoint, dtype)
+            results[f"e-{dtype}"] = {
+                "decode": decode_load(target, f"e-{dtype}-decode", max(2000, args.decode_requests // 10)),
+                "prefill": prefill_load(target, f"e-{dtype}-prefill", args.prefill_requests),
+            }
+            server.stop()
 
-    (OUT / "results.json").write_text(json.dumps(results, indent=2))
-    print(markdown(results))
+    if "balance" in parts:
+        print("balance: MoGE against top-K, every group capped", file=sys.stderr)
+        capped = os.access(CGROUP_ROOT, os.W_OK)
+        if not capped:
+            print(f"  {CGROUP_ROOT} is not writable: groups run uncapped", file=sys.stderr)
+        split = Split(skewed, "balance", cpu_share=args.group_cpu_share if capped else None)
+        results["balance"] = {
+            "capped": capped,
+            "cpu_share": args.group_cpu_share,
+            "preset": args.balance_preset,
+            "tokens": args.balance_tokens,
+        }
+        for mode in ("moge", "top-k"):
+            # Pangu-sized experts: each group's time grows with its
+            # assignments, as on a device, rather than with the experts it reads.
+            results["balance"][mode] = moge_load(
+                split.target, f"balance-{mode}", "--tokens", str(args.balance_tokens),
+                "--requests", str(args.balance_requests),
+                "--concurrency", "2", "--routing", mode, gateway_http=split.http,
+            )
+        split.stop()
+
+    name = "results.json" if parts >= {"a", "b", "c", "e", "balance"} else f"results-{'-'.join(sorted(parts))}.json"
+    (OUT / name).write_text(json.dumps(results, indent=2))
+    if parts >= {"a", "b", "c", "e", "balance"}:
+        print(markdown(results))
 
 
 def machine() -> str:
@@ -302,8 +326,9 @@ def mean(values):
 def markdown(results: dict) -> str:
     a = results["a"]
     tps = lambda report: report["throughput"]["tokens_per_second"]  # noqa: E731
-    b = {shape: mean([tps(results[f"b-on-{r}"][shape]) for r in range(2)]) for shape in ("decode", "prefill")}
-    b_off = {shape: mean([tps(results[f"b-off-{r}"][shape]) for r in range(2)]) for shape in ("decode", "prefill")}
+    rounds = sum(1 for key in results if key.startswith("b-on-"))
+    b = {shape: mean([tps(results[f"b-on-{r}"][shape]) for r in range(rounds)]) for shape in ("decode", "prefill")}
+    b_off = {shape: mean([tps(results[f"b-off-{r}"][shape]) for r in range(rounds)]) for shape in ("decode", "prefill")}
     c = {shape: tps(results["c"][shape]) for shape in ("decode", "prefill")}
     in_process = {"decode": a[64]["tokens_per_s"], "prefill": a[512]["tokens_per_s"]}
     lines = [
@@ -362,9 +387,10 @@ def markdown(results: dict) -> str:
     balance = results["balance"]
     lines += [
         "",
-        f"Balance, skewed router (`--router-skew 2.0`), each expert process capped at "
-        f"{balance['cpu_share']:.0%} of a CPU ({'cgroup cpu quota' if balance['capped'] else 'NOT capped'}), "
-        "2 clients, 512 tokens per request:",
+        f"Balance, `{balance['preset']}` checkpoint with a skewed router (`--router-skew 2.0`), each group's "
+        f"process capped at {balance['cpu_share']:.0%} of a CPU "
+        f"({'cgroup cpu quota' if balance['capped'] else 'NOT capped'}), 2 clients, "
+        f"{balance['tokens']} tokens per request:",
         "",
         "| routing | tokens/s | p50 | p99 | imbalance score | straggler gap mean | straggler gap max |",
         "| --- | --- | --- | --- | --- | --- | --- |",
