@@ -1,4 +1,5 @@
-//! Helpers for the end-to-end tests: paths of the workspace's binaries.
+//! Helpers for the end-to-end tests: paths of the workspace's binaries,
+//! service processes, the split deployment and KServe requests.
 
 use std::path::PathBuf;
 
@@ -281,5 +282,81 @@ pub fn start_stack_with(ckpt: &str, extra: &StackArgs) -> Stack {
         groups,
         shared,
         gateway,
+    }
+}
+
+/// Deterministic hidden states `[tokens, 512]` in [-2, 2), different for each `seed`.
+pub fn hidden_states(tokens: usize, seed: usize) -> Vec<f32> {
+    (0..tokens * 512)
+        .map(|i| ((((i + seed) * 7901) % 983) as f32 / 983.0 - 0.5) * 4.0)
+        .collect()
+}
+
+/// A KServe request for model `moge`: `values` as `[tokens, 512]` raw
+/// `dtype` bytes, parameter `layer`, and the named `outputs` (none: the
+/// gateway's default, `output`).
+pub fn infer_request(
+    values: &[f32],
+    tokens: usize,
+    dtype: moge_shared::DType,
+    layer: i64,
+    outputs: &[&str],
+) -> moge_shared::proto::inference::ModelInferRequest {
+    use moge_shared::proto::inference::infer_parameter::ParameterChoice;
+    use moge_shared::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+    use moge_shared::proto::inference::{InferParameter, ModelInferRequest};
+
+    ModelInferRequest {
+        model_name: "moge".to_owned(),
+        id: format!("request-{tokens}"),
+        parameters: [(
+            "layer".to_owned(),
+            InferParameter {
+                parameter_choice: Some(ParameterChoice::Int64Param(layer)),
+            },
+        )]
+        .into(),
+        inputs: vec![InferInputTensor {
+            name: "hidden_states".to_owned(),
+            datatype: dtype.kserve_name().to_owned(),
+            shape: vec![tokens as i64, 512],
+            ..Default::default()
+        }],
+        outputs: outputs
+            .iter()
+            .map(|name| InferRequestedOutputTensor {
+                name: (*name).to_owned(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_input_contents: vec![dtype.encode(values).into()],
+        model_version: String::new(),
+    }
+}
+
+/// Polls `ServerReady` until it returns `ready`; fails the test after `timeout`.
+pub async fn wait_ready(
+    client: &mut moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    ready: bool,
+    timeout: std::time::Duration,
+) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let state = client
+            .server_ready(moge_shared::proto::inference::ServerReadyRequest {})
+            .await
+            .expect("ServerReady answers")
+            .into_inner()
+            .ready;
+        if state == ready {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not turn ready={ready} within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

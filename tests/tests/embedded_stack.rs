@@ -1,13 +1,13 @@
 //! The embedded default: `moge-gateway` with no upstreams generates the
 //! small checkpoint and serves every part from its own process.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moge_shared::checkpoint::Checkpoint;
 use moge_shared::kernels::Kernel;
 use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use moge_shared::proto::inference::model_infer_request::InferInputTensor;
-use moge_shared::proto::inference::{ModelInferRequest, ModelMetadataRequest, ServerReadyRequest};
+use moge_shared::proto::inference::{ModelInferRequest, ModelMetadataRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
 use moge_tests::ServiceProcess;
@@ -38,20 +38,7 @@ async fn embedded_gateway_generates_checkpoint_and_serves() {
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", gateway.address))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client
-        .server_ready(ServerReadyRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .ready
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the embedded gateway did not turn ready within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moge_tests::wait_ready(&mut client, true, Duration::from_secs(10)).await;
     let metadata = client
         .model_metadata(ModelMetadataRequest {
             name: "moge".to_owned(),

@@ -9,9 +9,9 @@ use moge_shared::DType;
 use moge_shared::RoutingOptions;
 use moge_shared::checkpoint::Checkpoint;
 use moge_shared::kernels::Kernel;
+use moge_shared::proto::inference::ModelInferRequest;
 use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use moge_shared::proto::inference::model_infer_request::InferInputTensor;
-use moge_shared::proto::inference::{ModelInferRequest, ServerReadyRequest};
 use moge_shared::weights::WeightFormat;
 use moge_tests::{START_TIMEOUT, ServiceProcess, generate_small, start_stack, start_stack_with_gateway_args};
 use tonic::Code;
@@ -130,17 +130,7 @@ async fn connect_ready(address: std::net::SocketAddr) -> Channel {
         .await
         .unwrap();
     let mut client = GrpcInferenceServiceClient::new(channel.clone());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client
-        .server_ready(ServerReadyRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .ready
-    {
-        assert!(Instant::now() < deadline, "the gateway did not turn ready within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moge_tests::wait_ready(&mut client, true, Duration::from_secs(10)).await;
     channel
 }
 

@@ -9,7 +9,7 @@ use moge_shared::DType;
 use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use moge_shared::proto::inference::infer_parameter::ParameterChoice;
 use moge_shared::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use moge_shared::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest, ServerReadyRequest};
+use moge_shared::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest};
 use moge_tests::{generate_small, start_stack_with_gateway_args};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -405,17 +405,7 @@ async fn gateway_rejects_hostile_requests_and_stays_healthy() {
         .await
         .unwrap();
     let mut client = GrpcInferenceServiceClient::new(channel.clone()).max_encoding_message_size(64 << 20);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !client
-        .server_ready(ServerReadyRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .ready
-    {
-        assert!(Instant::now() < deadline, "the gateway did not turn ready within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    moge_tests::wait_ready(&mut client, true, Duration::from_secs(10)).await;
 
     let cases = grpc_cases();
     assert!(cases.len() >= 25, "the table has {} cases", cases.len());

@@ -2,73 +2,19 @@
 //! expert groups (group 0 with two replicas), the shared expert and the
 //! gateway, called through the KServe v2 gRPC API.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use moge_shared::checkpoint::Checkpoint;
 use moge_shared::kernels::Kernel;
 use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use moge_shared::proto::inference::infer_parameter::ParameterChoice;
-use moge_shared::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
-use moge_shared::proto::inference::{InferParameter, ModelInferRequest, ServerReadyRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
-use moge_tests::{START_TIMEOUT, ServiceProcess, generate_small, start_stack};
-use tonic::transport::Channel;
+use moge_tests::{
+    START_TIMEOUT, ServiceProcess, generate_small, hidden_states, infer_request, start_stack, wait_ready,
+};
 
-fn hidden_states(tokens: usize, seed: usize) -> Vec<f32> {
-    (0..tokens * 512)
-        .map(|i| ((((i + seed) * 7901) % 983) as f32 / 983.0 - 0.5) * 4.0)
-        .collect()
-}
-
-fn infer_request(values: &[f32], tokens: usize, dtype: DType, layer: i64, outputs: &[&str]) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: "moge".to_owned(),
-        id: format!("request-{tokens}"),
-        parameters: [(
-            "layer".to_owned(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(layer)),
-            },
-        )]
-        .into(),
-        inputs: vec![InferInputTensor {
-            name: "hidden_states".to_owned(),
-            datatype: dtype.kserve_name().to_owned(),
-            shape: vec![tokens as i64, 512],
-            ..Default::default()
-        }],
-        outputs: outputs
-            .iter()
-            .map(|name| InferRequestedOutputTensor {
-                name: (*name).to_owned(),
-                ..Default::default()
-            })
-            .collect(),
-        raw_input_contents: vec![dtype.encode(values).into()],
-        model_version: String::new(),
-    }
-}
-
-async fn wait_ready(client: &mut GrpcInferenceServiceClient<Channel>, ready: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = client
-            .server_ready(ServerReadyRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .ready;
-        if state == ready {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not turn ready={ready} within 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+use moge_shared::proto::inference::{ModelInferRequest, ServerReadyRequest};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn split_stack_matches_in_process_bitwise() {
@@ -78,7 +24,7 @@ async fn split_stack_matches_in_process_bitwise() {
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
         .await
         .unwrap();
-    wait_ready(&mut client, true).await;
+    wait_ready(&mut client, true, READY_TIMEOUT).await;
 
     let layer = Checkpoint::open(dir.path())
         .unwrap()
@@ -158,7 +104,7 @@ async fn split_stack_matches_in_process_bitwise() {
         .unwrap_err();
     assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
     assert!(error.message().contains("group 3"), "{}", error.message());
-    wait_ready(&mut client, false).await;
+    wait_ready(&mut client, false, READY_TIMEOUT).await;
 
     // A replica back on the same address: ready again, and requests succeed.
     let ckpt = dir.path().to_str().unwrap();
@@ -167,7 +113,7 @@ async fn split_stack_matches_in_process_bitwise() {
         &["--checkpoint", ckpt, "--group", "3", "--grpc-port", &group_3_port],
         START_TIMEOUT,
     ));
-    wait_ready(&mut client, true).await;
+    wait_ready(&mut client, true, READY_TIMEOUT).await;
     let values = hidden_states(4, 9);
     let reply = client.model_infer(infer_request(&values, 4, DType::F32, 0, &[])).await;
     assert!(reply.is_ok(), "request after group 3 came back: {reply:?}");
@@ -186,7 +132,7 @@ async fn gateway_rejects_bad_requests_by_field() {
     let mut client = GrpcInferenceServiceClient::connect(format!("http://{}", stack.gateway.address))
         .await
         .unwrap();
-    wait_ready(&mut client, true).await;
+    wait_ready(&mut client, true, READY_TIMEOUT).await;
     let values = hidden_states(2, 0);
     let good = || infer_request(&values, 2, DType::F32, 0, &[]);
 

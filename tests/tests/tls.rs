@@ -12,14 +12,13 @@ use std::time::{Duration, Instant};
 use moge_shared::checkpoint::Checkpoint;
 use moge_shared::kernels::Kernel;
 use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
-use moge_shared::proto::inference::infer_parameter::ParameterChoice;
-use moge_shared::proto::inference::model_infer_request::InferInputTensor;
-use moge_shared::proto::inference::{
-    InferParameter, ModelInferRequest, ModelMetadataRequest, ServerLiveRequest, ServerReadyRequest,
-};
+use moge_shared::proto::inference::{ModelMetadataRequest, ServerLiveRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
-use moge_tests::{START_TIMEOUT, ServiceProcess, StackArgs, binary, generate_small, start_stack_with};
+use moge_tests::{
+    START_TIMEOUT, ServiceProcess, StackArgs, binary, generate_small, hidden_states, infer_request, start_stack_with,
+    wait_ready,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -181,53 +180,6 @@ async fn kserve_client(address: SocketAddr, tls: ClientTlsConfig) -> GrpcInferen
     GrpcInferenceServiceClient::new(channel)
 }
 
-async fn wait_ready(client: &mut GrpcInferenceServiceClient<Channel>) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let ready = client
-            .server_ready(ServerReadyRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .ready;
-        if ready {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the gateway did not turn ready within 20 s over TLS upstreams"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn hidden_states(tokens: usize) -> Vec<f32> {
-    (0..tokens * 512)
-        .map(|i| (((i * 7901) % 983) as f32 / 983.0 - 0.5) * 4.0)
-        .collect()
-}
-
-fn infer_request(values: &[f32], tokens: usize, layer: i64) -> ModelInferRequest {
-    ModelInferRequest {
-        model_name: "moge".to_owned(),
-        parameters: [(
-            "layer".to_owned(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::Int64Param(layer)),
-            },
-        )]
-        .into(),
-        inputs: vec![InferInputTensor {
-            name: "hidden_states".to_owned(),
-            datatype: "FP32".to_owned(),
-            shape: vec![tokens as i64, 512],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![DType::F32.encode(values).into()],
-        ..Default::default()
-    }
-}
-
 fn with_token<T>(message: T, authorization: Option<&str>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(value) = authorization {
@@ -347,7 +299,7 @@ async fn split_stack_over_mtls_matches_in_process() {
     };
     let mut stack = start_stack_with(ckpt.path().to_str().unwrap(), &args);
     let mut client = kserve_client(stack.gateway.address, pki.grpc_tls(None)).await;
-    wait_ready(&mut client).await;
+    wait_ready(&mut client, true, Duration::from_secs(20)).await;
 
     // gRPC over TLS: bitwise equal to the in-process layer, so every hop
     // behind the gateway carried the exact bytes.
@@ -356,12 +308,12 @@ async fn split_stack_over_mtls_matches_in_process() {
         .load_layer(1, WeightFormat::Stored)
         .unwrap();
     let tokens = 37;
-    let values = hidden_states(tokens);
+    let values = hidden_states(tokens, 0);
     let expected = layer
         .forward(Kernel::detect(), &values, tokens, RoutingOptions::default())
         .unwrap();
     let reply = client
-        .model_infer(infer_request(&values, tokens, 1))
+        .model_infer(infer_request(&values, tokens, DType::F32, 1, &[]))
         .await
         .expect("inference over TLS with mTLS upstreams should succeed")
         .into_inner();
@@ -471,7 +423,7 @@ async fn gateway_token_guards_all_but_health() {
         .server_live(ServerLiveRequest {})
         .await
         .expect("ServerLive should be open without a token");
-    wait_ready(&mut client).await;
+    wait_ready(&mut client, true, Duration::from_secs(20)).await;
     let health = health_check(format!("https://{}", gateway.address), Some(pki.grpc_tls(None))).await;
     assert_eq!(health, Ok(()), "grpc.health.v1 should be open without a token");
 
@@ -490,9 +442,9 @@ async fn gateway_token_guards_all_but_health() {
             tonic::Code::Unauthenticated,
             "{authorization:?}: {status:?}"
         );
-        let values = hidden_states(2);
+        let values = hidden_states(2, 0);
         let status = client
-            .model_infer(with_token(infer_request(&values, 2, 0), authorization))
+            .model_infer(with_token(infer_request(&values, 2, DType::F32, 0, &[]), authorization))
             .await
             .expect_err("ModelInfer without the right token should fail");
         assert_eq!(
@@ -505,9 +457,9 @@ async fn gateway_token_guards_all_but_health() {
         .model_metadata(with_token(metadata(), Some(&right)))
         .await
         .expect("ModelMetadata with the right token should succeed");
-    let values = hidden_states(2);
+    let values = hidden_states(2, 0);
     let reply = client
-        .model_infer(with_token(infer_request(&values, 2, 0), Some(&right)))
+        .model_infer(with_token(infer_request(&values, 2, DType::F32, 0, &[]), Some(&right)))
         .await
         .expect("ModelInfer with the right token should succeed")
         .into_inner();
@@ -537,7 +489,7 @@ async fn gateway_token_guards_all_but_health() {
         assert_eq!(status, 200, "{path} with the right token: {body}");
     }
     let body = serde_json::json!({
-        "inputs": [{ "name": "hidden_states", "shape": [1, 512], "datatype": "FP32", "data": hidden_states(1) }],
+        "inputs": [{ "name": "hidden_states", "shape": [1, 512], "datatype": "FP32", "data": hidden_states(1, 0) }],
     })
     .to_string();
     let (status, _) = https(
