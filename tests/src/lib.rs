@@ -124,6 +124,17 @@ impl ServiceProcess {
         }
     }
 
+    /// Returns the address of a gateway's KServe HTTP port, read from its
+    /// "listening" log line. The HTTP server logs from its own task, so the
+    /// line may come after the gRPC one.
+    pub fn http_address(&mut self) -> std::net::SocketAddr {
+        let line = self.wait_for_log(&["listening", "kserve-http"], std::time::Duration::from_secs(10));
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("address="))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no address= field in {line:?}"))
+    }
+
     /// Sends SIGTERM without waiting for the exit.
     pub fn send_sigterm(&self) {
         let status = std::process::Command::new("kill")
@@ -179,6 +190,18 @@ pub fn generate_small(dir: &std::path::Path) {
         "generate failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Starts the embedded gateway (router, groups and shared expert in one
+/// process) on free ports, with `args` after the port flags.
+pub fn start_embedded_gateway(args: &[&str]) -> ServiceProcess {
+    let all = [&["--grpc-port", "0", "--http-port", "0"], args].concat();
+    ServiceProcess::start_serving(
+        "moge-gateway",
+        &all,
+        std::time::Duration::from_secs(60),
+        "inference.GRPCInferenceService",
+    )
 }
 
 /// Time a service of [`start_stack`] gets to log "listening".

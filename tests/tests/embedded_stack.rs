@@ -10,24 +10,12 @@ use moge_shared::proto::inference::model_infer_request::InferInputTensor;
 use moge_shared::proto::inference::{ModelInferRequest, ModelMetadataRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
-use moge_tests::ServiceProcess;
+use moge_tests::start_embedded_gateway;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn embedded_gateway_generates_checkpoint_and_serves() {
     let cache = tempfile::tempdir().unwrap();
-    let mut gateway = ServiceProcess::start_serving(
-        "moge-gateway",
-        &[
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--cache-dir",
-            cache.path().to_str().unwrap(),
-        ],
-        Duration::from_secs(60),
-        "inference.GRPCInferenceService",
-    );
+    let mut gateway = start_embedded_gateway(&["--cache-dir", cache.path().to_str().unwrap()]);
     let checkpoint_dir = cache.path().join("checkpoints/small");
     assert!(
         checkpoint_dir.join("config.json").exists(),

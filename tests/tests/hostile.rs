@@ -434,14 +434,7 @@ async fn gateway_rejects_hostile_requests_and_stays_healthy() {
     assert_eq!(error.code(), Code::DeadlineExceeded, "{error:?}");
 
     // HTTP: status code and a substring of the JSON error.
-    let http_address = stack
-        .gateway
-        .wait_for_log(&["listening", "kserve-http"], Duration::from_secs(5));
-    let http_address: std::net::SocketAddr = http_address
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("address="))
-        .and_then(|value| value.parse().ok())
-        .expect("the HTTP listening line has an address");
+    let http_address = stack.gateway.http_address();
     let infer = "/v2/models/moge/infer";
     let good_json = json_request("[1, 512]", "FP32", &format!("{:?}", hidden_states(1)));
     let oversized = vec![b' '; MAX_MESSAGE_BYTES + 1];

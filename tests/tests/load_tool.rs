@@ -3,9 +3,8 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use moge_tests::{ServiceProcess, binary};
+use moge_tests::{ServiceProcess, binary, start_embedded_gateway};
 
 fn run_load(args: &[&str]) -> serde_json::Value {
     let report = tempfile::NamedTempFile::new().unwrap();
@@ -25,27 +24,9 @@ fn run_load(args: &[&str]) -> serde_json::Value {
 
 /// Starts the embedded gateway; returns it with its gRPC and HTTP addresses.
 fn start_gateway(cache: &Path) -> (ServiceProcess, String, String) {
-    let mut gateway = ServiceProcess::start_serving(
-        "moge-gateway",
-        &[
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--cache-dir",
-            cache.to_str().unwrap(),
-        ],
-        Duration::from_secs(60),
-        "inference.GRPCInferenceService",
-    );
+    let mut gateway = start_embedded_gateway(&["--cache-dir", cache.to_str().unwrap()]);
     let grpc = gateway.address.to_string();
-    // The HTTP server logs from its own task, so its line may come later.
-    let line = gateway.wait_for_log(&["listening", "kserve-http"], Duration::from_secs(10));
-    let http = line
-        .split_whitespace()
-        .find_map(|field| field.strip_prefix("address="))
-        .map(|address| format!("http://{address}"))
-        .expect("the gateway logs its HTTP address");
+    let http = format!("http://{}", gateway.http_address());
     (gateway, grpc, http)
 }
 

@@ -16,8 +16,8 @@ use moge_shared::proto::inference::{ModelMetadataRequest, ServerLiveRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
 use moge_tests::{
-    START_TIMEOUT, ServiceProcess, StackArgs, binary, generate_small, hidden_states, infer_request, start_stack_with,
-    wait_ready,
+    START_TIMEOUT, ServiceProcess, StackArgs, binary, generate_small, hidden_states, infer_request,
+    start_embedded_gateway, start_stack_with, wait_ready,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -251,28 +251,12 @@ fn parse_response(response: &str) -> Result<(u16, String), String> {
     Ok((status, body.to_owned()))
 }
 
-/// Address of the gateway's HTTP port, from its "listening" log line.
-fn http_address(gateway: &mut ServiceProcess) -> SocketAddr {
-    let line = gateway.wait_for_log(&["listening", "kserve-http"], START_TIMEOUT);
-    line.split_whitespace()
-        .find_map(|field| field.strip_prefix("address="))
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("no address= field in {line:?}"))
-}
-
 /// Starts the embedded gateway on `ckpt` with `args` after the port flags.
-fn start_embedded_gateway(ckpt: &Path, args: &[String]) -> ServiceProcess {
-    let mut all = vec![
-        "--grpc-port".to_owned(),
-        "0".to_owned(),
-        "--http-port".to_owned(),
-        "0".to_owned(),
-        "--checkpoint".to_owned(),
-        ckpt.display().to_string(),
-    ];
+fn start_gateway_on(ckpt: &Path, args: &[String]) -> ServiceProcess {
+    let mut all = vec!["--checkpoint".to_owned(), ckpt.display().to_string()];
     all.extend_from_slice(args);
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    ServiceProcess::start_serving("moge-gateway", &all, START_TIMEOUT, "inference.GRPCInferenceService")
+    start_embedded_gateway(&all)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -330,7 +314,7 @@ async fn split_stack_over_mtls_matches_in_process() {
     .to_string();
     let config = pki.https_config(None);
     let (status, response) = https(
-        http_address(&mut stack.gateway),
+        stack.gateway.http_address(),
         config,
         "POST",
         "/v2/models/moge/infer",
@@ -413,7 +397,7 @@ async fn gateway_token_guards_all_but_health() {
     generate_small(ckpt.path());
     let mut args = pki.server_args(false);
     args.extend(["--auth-token-file".to_owned(), pki.arg("token")]);
-    let mut gateway = start_embedded_gateway(ckpt.path(), &args);
+    let mut gateway = start_gateway_on(ckpt.path(), &args);
     let mut client = kserve_client(gateway.address, pki.grpc_tls(None)).await;
     let right = format!("Bearer {TOKEN}");
     let wrong = format!("Bearer {TOKEN}x");
@@ -466,7 +450,7 @@ async fn gateway_token_guards_all_but_health() {
     assert_eq!(reply.outputs[0].shape, [2, 512]);
 
     // HTTP: the same rule, with 401 and a KServe error body.
-    let address = http_address(&mut gateway);
+    let address = gateway.http_address();
     let config = pki.https_config(None);
     for path in ["/v2/health/live", "/v2/health/ready"] {
         let (status, body) = https(address, Arc::clone(&config), "GET", path, None, "")
@@ -523,9 +507,9 @@ async fn gateway_mtls_rejects_foreign_and_plaintext_clients() {
     let pki = Pki::generate();
     let ckpt = tempfile::tempdir().unwrap();
     generate_small(ckpt.path());
-    let mut gateway = start_embedded_gateway(ckpt.path(), &pki.server_args(true));
+    let mut gateway = start_gateway_on(ckpt.path(), &pki.server_args(true));
     let grpc = format!("https://{}", gateway.address);
-    let http = http_address(&mut gateway);
+    let http = gateway.http_address();
 
     // gRPC port.
     let plaintext = health_check(format!("http://{}", gateway.address), None).await;
