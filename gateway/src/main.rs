@@ -218,7 +218,10 @@ async fn main() -> anyhow::Result<()> {
 
     // The router describes the model; retry while it starts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.startup_timeout_seconds);
+    let mut attempts = 0_u32;
+    let mut last_logged: Option<tokio::time::Instant> = None;
     let (description, _) = loop {
+        attempts += 1;
         upstreams.router.probe().await;
         let attempt = upstreams
             .router
@@ -233,7 +236,13 @@ async fn main() -> anyhow::Result<()> {
         match attempt {
             Ok(description) => break description,
             Err(error) if tokio::time::Instant::now() < deadline => {
-                tracing::info!(%error, "router not reachable yet; will retry");
+                // Retries come every 250 ms; log the first and then one every 5 s.
+                let now = tokio::time::Instant::now();
+                if last_logged.is_none_or(|logged| now - logged >= Duration::from_secs(5)) {
+                    let seconds_left = (deadline - now).as_secs();
+                    tracing::info!(%error, attempts, seconds_left, "router not reachable yet; will retry");
+                    last_logged = Some(now);
+                }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(error) => {

@@ -37,6 +37,9 @@ pub struct Replica {
     name: Mutex<Arc<str>>,
     /// Consecutive failed calls and the ejection they caused.
     ejection: Mutex<Ejection>,
+    /// Error of the last failed health check, so that a repeated failure
+    /// is logged once rather than every probe interval.
+    probe_error: Mutex<Option<String>>,
 }
 
 /// First ejection of a replica after a failed call; each further
@@ -44,6 +47,8 @@ pub struct Replica {
 pub const BASE_EJECTION: Duration = Duration::from_millis(250);
 /// Maximum ejection of a replica.
 pub const MAX_EJECTION: Duration = Duration::from_secs(8);
+/// Timeout of one health check or identity check of a replica.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Failure state of one replica.
 #[derive(Debug, Default)]
@@ -139,6 +144,7 @@ impl Pool {
                     identity: AtomicU8::new(UNVERIFIED),
                     name: Mutex::new(Arc::from(url.as_str())),
                     ejection: Mutex::new(Ejection::default()),
+                    probe_error: Mutex::new(None),
                 })
             })
             .collect::<Result<Vec<_>, AddressError>>()?;
@@ -197,12 +203,15 @@ impl Pool {
             let request = HealthCheckRequest {
                 service: self.service.to_owned(),
             };
-            let checked = tokio::time::timeout(Duration::from_secs(1), client.check(request)).await;
-            if let Ok(Err(status)) = &checked {
+            let checked = tokio::time::timeout(PROBE_TIMEOUT, client.check(request)).await;
+            let error = match &checked {
+                Ok(Ok(_)) => None,
                 // A TLS or certificate problem shows up here, as UNAVAILABLE
                 // with the transport error in the message.
-                tracing::debug!(upstream = %self.name, replica = %replica.url, code = ?status.code(), error = status.message(), "health check failed");
-            }
+                Ok(Err(status)) => Some(format!("{:?}: {}", status.code(), status.message())),
+                Err(_) => Some(format!("timed out after {PROBE_TIMEOUT:?}")),
+            };
+            replica.note_probe_error(&self.name, error);
             let serving = matches!(
                 checked,
                 Ok(Ok(response)) if response.get_ref().status == ServingStatus::Serving as i32
@@ -222,7 +231,7 @@ impl Pool {
             return true;
         }
         let mut client = HostClient::new(replica.channel.clone());
-        let described = tokio::time::timeout(Duration::from_secs(1), client.describe(DescribeRequest {})).await;
+        let described = tokio::time::timeout(PROBE_TIMEOUT, client.describe(DescribeRequest {})).await;
         let Ok(Ok(description)) = described else {
             return false;
         };
@@ -277,6 +286,18 @@ impl Pool {
 }
 
 impl Replica {
+    /// Logs a failed health check when its error differs from the last
+    /// one, so a replica that keeps failing the same way is logged once.
+    fn note_probe_error(&self, pool: &str, error: Option<String>) {
+        let mut last = self.probe_error.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(message) = &error
+            && last.as_ref() != Some(message)
+        {
+            tracing::warn!(upstream = %pool, replica = %self.url, error = %message, "health check failed; will retry every probe interval");
+        }
+        *last = error;
+    }
+
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -433,7 +454,7 @@ impl Pool {
         F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut last = "no replica configured or every replica ejected".to_owned();
+        let mut last = "no replica has passed a health check, or every replica is ejected".to_owned();
         let mut attempts = 0;
         let deadline_error = |attempts| CallError::DeadlineExceeded {
             upstream: self.name.clone(),
