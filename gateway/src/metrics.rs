@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use moge_telemetry::LATENCY_BUCKETS;
 use moge_telemetry::balance::{BalanceTracker, DeviceShare};
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, ObservableGauge};
+use opentelemetry::metrics::{Counter, Histogram, ObservableCounter, ObservableGauge};
 
 use crate::upstream::{Pool, Upstreams};
 
@@ -55,6 +55,8 @@ pub struct GatewayMetrics {
     _ready_replicas: ObservableGauge<u64>,
     _configured_replicas: ObservableGauge<u64>,
     _queued_tokens: ObservableGauge<u64>,
+    _retries: ObservableCounter<u64>,
+    _ejections: ObservableCounter<u64>,
     /// Tokens admitted but not yet in a running batch; the batcher updates it.
     pub queued_tokens: Arc<AtomicUsize>,
     /// Per-device loads for `GET /v1/balance`.
@@ -101,6 +103,8 @@ impl GatewayMetrics {
         };
         let ready = Arc::clone(upstreams);
         let configured = Arc::clone(upstreams);
+        let retried = Arc::clone(upstreams);
+        let ejected = Arc::clone(upstreams);
         let queued_tokens = Arc::new(AtomicUsize::new(0));
         let queued = Arc::clone(&queued_tokens);
         GatewayMetrics {
@@ -166,6 +170,33 @@ impl GatewayMetrics {
                 .with_unit("{token}")
                 .with_description("Tokens admitted but not yet in a running batch, limited by --max-queued-tokens")
                 .with_callback(move |observer| observer.observe(queued.load(Ordering::Relaxed) as u64, &[]))
+                .build(),
+            _retries: meter
+                .u64_observable_counter("moge_gateway_upstream_retries")
+                .with_unit("{call}")
+                .with_description("Upstream calls moved to another replica after a retryable failure")
+                .with_callback(move |observer| {
+                    for (pool, attributes) in pool_attributes(&retried) {
+                        observer.observe(pool.retries(), &attributes);
+                    }
+                })
+                .build(),
+            _ejections: meter
+                .u64_observable_counter("moge_gateway_replica_ejections")
+                .with_unit("{ejection}")
+                .with_description("Times an upstream replica was ejected after a failed call")
+                .with_callback(move |observer| {
+                    for (pool, [role, group]) in pool_attributes(&ejected) {
+                        for replica in &pool.replicas {
+                            let attributes = [
+                                role.clone(),
+                                group.clone(),
+                                KeyValue::new("replica", replica.name().to_string()),
+                            ];
+                            observer.observe(replica.ejections(), &attributes);
+                        }
+                    }
+                })
                 .build(),
             queued_tokens,
             balance: BalanceTracker::new(upstreams.groups.len(), routing_mode),

@@ -6,7 +6,7 @@
 //! expert compute, no state changes on the replica), so a call that failed
 //! on one replica can be sent to another without risk of applying it twice.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,8 @@ pub struct Replica {
     /// Error of the last failed health check, so that a repeated failure
     /// is logged once rather than every probe interval.
     probe_error: Mutex<Option<String>>,
+    /// Ejections since start, for metrics.
+    ejections: AtomicU64,
 }
 
 /// First ejection of a replica after a failed call; each further
@@ -92,6 +94,8 @@ pub struct Pool {
     /// Role and group every replica must host.
     pub identity: Identity,
     next: AtomicUsize,
+    /// Calls moved to another replica after a retryable failure, for metrics.
+    retries: AtomicU64,
 }
 
 /// A configured address that cannot be used.
@@ -145,6 +149,7 @@ impl Pool {
                     name: Mutex::new(Arc::from(url.as_str())),
                     ejection: Mutex::new(Ejection::default()),
                     probe_error: Mutex::new(None),
+                    ejections: AtomicU64::new(0),
                 })
             })
             .collect::<Result<Vec<_>, AddressError>>()?;
@@ -154,6 +159,7 @@ impl Pool {
             identity,
             replicas,
             next: AtomicUsize::new(0),
+            retries: AtomicU64::new(0),
         })
     }
 
@@ -185,6 +191,11 @@ impl Pool {
     /// Returns whether at least one replica passed its last health check.
     pub fn is_ready(&self) -> bool {
         self.replicas.iter().any(Replica::is_ready)
+    }
+
+    /// Returns how many calls moved to another replica since start.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// Returns how many replicas passed their last health check.
@@ -271,6 +282,7 @@ impl Pool {
             return;
         }
         ejection.failures = ejection.failures.saturating_add(1);
+        replica.ejections.fetch_add(1, Ordering::Relaxed);
         let time = ejection_time(ejection.failures);
         ejection.until = Some(now + time);
         tracing::warn!(
@@ -318,6 +330,11 @@ impl Replica {
             );
         }
         *ejection = Ejection::default();
+    }
+
+    /// Returns how many times the replica was ejected since start.
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
     }
 
     /// Name the replica reports, for metrics and the balance report.
@@ -472,6 +489,7 @@ impl Pool {
                 None => None,
             };
             if attempts > 0 {
+                self.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(upstream = %self.name, replica = %replica.url, attempts, "retrying the call on another replica");
             }
             attempts += 1;

@@ -135,6 +135,16 @@ impl ServiceProcess {
             .unwrap_or_else(|| panic!("no address= field in {line:?}"))
     }
 
+    /// Returns the address of the service's Prometheus endpoint, read from
+    /// its "metrics endpoint ready" log line.
+    pub fn metrics_address(&mut self) -> std::net::SocketAddr {
+        let line = self.wait_for_log(&["metrics endpoint ready"], std::time::Duration::from_secs(10));
+        line.split_whitespace()
+            .find_map(|field| field.strip_prefix("address="))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no address= field in {line:?}"))
+    }
+
     /// Sends SIGTERM without waiting for the exit.
     pub fn send_sigterm(&self) {
         let status = std::process::Command::new("kill")
@@ -190,6 +200,46 @@ pub fn generate_small(dir: &std::path::Path) {
         "generate failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Sends one HTTP/1.1 request with a JSON `body` and returns the status
+/// code and the response body. The connection closes after the response.
+pub fn http_request(address: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+
+    let mut stream = std::net::TcpStream::connect(address).expect("the HTTP port accepts");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    // The server may respond to an oversized body before reading all of it.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {response:?}"));
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (status, body)
+}
+
+/// Sums the values of the samples of `metric` in a Prometheus text
+/// exposition whose labels include every one of `labels`.
+pub fn metric_sum(exposition: &str, metric: &str, labels: &[&str]) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| line.starts_with(&format!("{metric}{{")) || line.starts_with(&format!("{metric} ")))
+        .filter(|line| labels.iter().all(|label| line.contains(label)))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Starts the embedded gateway (router, groups and shared expert in one

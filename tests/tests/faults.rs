@@ -13,7 +13,9 @@ use moge_shared::proto::inference::ModelInferRequest;
 use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use moge_shared::proto::inference::model_infer_request::InferInputTensor;
 use moge_shared::weights::WeightFormat;
-use moge_tests::{START_TIMEOUT, ServiceProcess, generate_small, start_stack, start_stack_with_gateway_args};
+use moge_tests::{
+    START_TIMEOUT, ServiceProcess, generate_small, http_request, metric_sum, start_stack, start_stack_with_gateway_args,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -199,6 +201,20 @@ async fn soak_with_replicas_killed_in_turns() {
         stack.gateway.log.iter().any(|line| line.contains("ejected")),
         "no ejection was logged"
     );
+
+    // The ejections and the retries they caused are counted in the metrics.
+    let metrics = stack.gateway.metrics_address();
+    let (status, exposition) = tokio::task::spawn_blocking(move || http_request(metrics, "GET", "/metrics", b""))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "GET /metrics: {exposition}");
+    let group_zero = ["role=\"expert_group\"", "group=\"0\""];
+    let ejections = metric_sum(&exposition, "moge_gateway_replica_ejections_total", &group_zero);
+    assert!(ejections >= 1.0, "group 0 ejections: {ejections}");
+    let retries = metric_sum(&exposition, "moge_gateway_upstream_retries_total", &group_zero);
+    assert!(retries >= 1.0, "group 0 retries: {retries}");
+    let other_groups = metric_sum(&exposition, "moge_gateway_replica_ejections_total", &["group=\"1\""]);
+    assert_eq!(other_groups, 0.0, "group 1 was never killed");
 }
 
 /// Peak resident memory of a process, from `VmHWM` in /proc, in KiB.

@@ -2,7 +2,6 @@
 //! HTTP: each gets the right status and a message that names the problem,
 //! and the gateway stays healthy and answers a good request afterwards.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use moge_shared::DType;
@@ -10,7 +9,7 @@ use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceS
 use moge_shared::proto::inference::infer_parameter::ParameterChoice;
 use moge_shared::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use moge_shared::proto::inference::{InferParameter, InferTensorContents, ModelInferRequest};
-use moge_tests::{generate_small, start_stack_with_gateway_args};
+use moge_tests::{generate_small, http_request, start_stack_with_gateway_args};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
@@ -357,25 +356,7 @@ async fn health(channel: Channel, service: &str) -> i32 {
 /// Sends one HTTP/1.1 request and returns the status code and the body's
 /// `error` field, or the whole body when it has none.
 fn http(address: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(address).expect("the HTTP port accepts");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    // The server may answer an oversized body before reading all of it.
-    let _ = stream.write_all(body);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no HTTP status in {response:?}"));
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    let (status, body) = http_request(address, method, path, body);
     let error = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|value| value["error"].as_str().map(str::to_owned));
