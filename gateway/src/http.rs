@@ -165,7 +165,7 @@ async fn observe_infer(
     version: String,
     headers: &axum::http::HeaderMap,
     body: &[u8],
-) -> Result<Json<Value>, HttpError> {
+) -> Result<Json<InferResponseJson>, HttpError> {
     let parent = moge_telemetry::propagation::extract(headers);
     let work = async { run_infer(frontend, model, version, body).await.map_err(|error| error.0) };
     Ok(frontend.observe("http", Some(parent), work).await?)
@@ -219,24 +219,60 @@ fn parse_input(value: &Value) -> Result<InputTensor, HttpError> {
     })
 }
 
-fn output_json(output: OutputTensor) -> Value {
-    let data: Vec<Value> = match output.element {
-        Element::Float(dtype) => dtype
-            .decode(&output.data)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| json!(v))
-            .collect(),
-        Element::Int32 => output
-            .data
-            .chunks_exact(4)
-            .map(|chunk| json!(i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]])))
-            .collect(),
-    };
-    json!({ "name": output.name, "datatype": output.datatype, "shape": output.shape, "data": data })
+/// Body of a successful inference response.
+#[derive(serde::Serialize)]
+struct InferResponseJson {
+    model_name: String,
+    model_version: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<Value>,
+    outputs: Vec<OutputJson>,
 }
 
-async fn run_infer(frontend: &Frontend, model: String, version: String, body: &[u8]) -> Result<Json<Value>, HttpError> {
+/// One output tensor of [`InferResponseJson`].
+#[derive(serde::Serialize)]
+struct OutputJson {
+    name: String,
+    datatype: String,
+    shape: Vec<i64>,
+    data: OutputData,
+}
+
+/// Output elements. Floats stay `f32` up to the serializer, so each is
+/// printed as the shortest decimal that reads back to the same `f32`
+/// (`0.1`, not `0.10000000149011612`). NaN and infinities become `null`.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum OutputData {
+    Float(Vec<f32>),
+    Int32(Vec<i32>),
+}
+
+fn output_json(output: OutputTensor) -> OutputJson {
+    let data = match output.element {
+        Element::Float(dtype) => OutputData::Float(dtype.decode(&output.data).unwrap_or_default()),
+        Element::Int32 => OutputData::Int32(
+            output
+                .data
+                .chunks_exact(4)
+                .map(|chunk| i32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
+                .collect(),
+        ),
+    };
+    OutputJson {
+        name: output.name,
+        datatype: output.datatype,
+        shape: output.shape,
+        data,
+    }
+}
+
+async fn run_infer(
+    frontend: &Frontend,
+    model: String,
+    version: String,
+    body: &[u8],
+) -> Result<Json<InferResponseJson>, HttpError> {
     let request: Value =
         serde_json::from_slice(body).map_err(|error| invalid(format!("request body is not valid JSON: {error}")))?;
     let inputs = request["inputs"]
@@ -277,13 +313,61 @@ async fn run_infer(frontend: &Frontend, model: String, version: String, body: &[
         timeout: None,
     };
     let outputs = frontend.infer(neutral).await?;
-    let mut response = json!({
-        "model_name": frontend.spec.model_name,
-        "model_version": "1",
-        "outputs": outputs.into_iter().map(output_json).collect::<Vec<_>>(),
-    });
-    if let Some(id) = request.get("id") {
-        response["id"] = id.clone();
+    Ok(Json(InferResponseJson {
+        model_name: frontend.spec.model_name.clone(),
+        model_version: "1",
+        id: request.get("id").cloned(),
+        outputs: outputs.into_iter().map(output_json).collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn output(element: Element, datatype: &str, data: Vec<u8>, count: i64) -> OutputTensor {
+        OutputTensor {
+            name: "output".to_owned(),
+            datatype: datatype.to_owned(),
+            shape: vec![1, count],
+            data: Bytes::from(data),
+            element,
+        }
     }
-    Ok(Json(response))
+
+    #[test]
+    fn float_outputs_print_shortest_f32() {
+        let values = [0.1_f32, -1.0e-8, 3.4028235e38, f32::NAN, f32::INFINITY];
+        let tensor = output(Element::Float(DType::F32), "FP32", DType::F32.encode(&values), 5);
+        let text = serde_json::to_string(&output_json(tensor)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"name":"output","datatype":"FP32","shape":[1,5],"data":[0.1,-1e-8,3.4028235e+38,null,null]}"#
+        );
+    }
+
+    #[test]
+    fn printed_floats_read_back_exactly() {
+        let values: Vec<f32> = (0..2000_u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761) % 0x7f00_0000))
+            .collect();
+        let tensor = output(Element::Float(DType::F32), "FP32", DType::F32.encode(&values), 2000);
+        let text = serde_json::to_string(&output_json(tensor)).unwrap();
+        let parsed: Value = serde_json::from_str(&text).unwrap();
+        let read: Vec<f32> = parsed["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|number| number.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(read, values);
+    }
+
+    #[test]
+    fn int32_outputs_print_as_integers() {
+        let data: Vec<u8> = [7_i32, -3].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensor = output(Element::Int32, "INT32", data, 2);
+        let text = serde_json::to_string(&output_json(tensor)).unwrap();
+        assert!(text.ends_with(r#""data":[7,-3]}"#), "{text}");
+    }
 }
