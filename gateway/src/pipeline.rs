@@ -219,8 +219,11 @@ pub async fn execute(
             .instrument(compute_span(None, tokens)),
     );
 
-    let mut partials: Vec<Option<Vec<f32>>> = vec![None; shape.num_groups];
-    let mut shared_output = None;
+    // Stage 4, as the calls return: the shared expert's output, then each
+    // group's partial in group order, only on the rows the group computed,
+    // as the in-process layer sums. A partial is added and freed as soon as
+    // every partial before it is in, so the gateway does not hold all of them.
+    let mut sum = InOrderSum::new(&group_rows, tokens, h);
     let mut shares = Vec::with_capacity(shape.num_groups + 1);
     let (mut first_group_done, mut last_group_done) = (None, None);
     while let Some(joined) = calls.join_next().await {
@@ -236,7 +239,7 @@ pub async fn execute(
                     replica: replica.to_string(),
                     assignments: assignment_counts[group],
                 });
-                partials[group] = Some(output);
+                sum.add_group(group, output)?;
             }
             None => {
                 shares.push(DeviceShare {
@@ -244,7 +247,7 @@ pub async fn execute(
                     replica: replica.to_string(),
                     assignments: tokens as u64,
                 });
-                shared_output = Some(output);
+                sum.add_shared(output)?;
             }
         }
     }
@@ -253,33 +256,7 @@ pub async fn execute(
         (Some(first), Some(last)) => (last - first).as_secs_f64(),
         _ => 0.0,
     };
-
-    // Stage 4: the shared expert, then each group's partial in group order,
-    // only on the rows the group computed, as the in-process layer sums.
-    let mut output = shared_output.ok_or_else(|| protocol("shared expert", "no output"))?;
-    if output.len() != tokens * h {
-        return Err(protocol(
-            "shared expert",
-            format!("output has {} values, expected {}", output.len(), tokens * h),
-        ));
-    }
-    for (group, rows) in group_rows.iter().enumerate() {
-        let Some(partial) = &partials[group] else {
-            continue;
-        };
-        if partial.len() != rows.len() * h {
-            return Err(protocol(
-                &format!("group {group}"),
-                "output does not match the rows sent",
-            ));
-        }
-        for (local, &row) in rows.iter().enumerate() {
-            let sum = &mut output[row as usize * h..(row as usize + 1) * h];
-            for (value, part) in sum.iter_mut().zip(&partial[local * h..(local + 1) * h]) {
-                *value += part;
-            }
-        }
-    }
+    let output = sum.finish()?;
     let stats = BatchStats {
         layer: batch.layer,
         mode: mode_name(routed.mode),
@@ -297,6 +274,94 @@ pub async fn execute(
         expert_weights,
     };
     Ok((result, stats))
+}
+
+/// Sum of the shared expert's output and the groups' partials in the
+/// in-process order: the shared output first, then group 0, 1, and so on.
+/// Partials that arrive before an earlier group's wait in `pending`.
+struct InOrderSum<'a> {
+    /// Rows of the batch each group computed, in its partial's row order.
+    group_rows: &'a [Vec<u32>],
+    tokens: usize,
+    hidden: usize,
+    /// The shared output plus every group before `next`, once the shared
+    /// output is in.
+    output: Option<Vec<f32>>,
+    pending: Vec<Option<Vec<f32>>>,
+    /// First group not yet added.
+    next: usize,
+}
+
+impl<'a> InOrderSum<'a> {
+    fn new(group_rows: &'a [Vec<u32>], tokens: usize, hidden: usize) -> Self {
+        InOrderSum {
+            group_rows,
+            tokens,
+            hidden,
+            output: None,
+            pending: vec![None; group_rows.len()],
+            next: 0,
+        }
+    }
+
+    fn add_shared(&mut self, output: Vec<f32>) -> Result<(), PipelineError> {
+        let expected = self.tokens * self.hidden;
+        if output.len() != expected {
+            return Err(protocol(
+                "shared expert",
+                format!("output has {} values, expected {expected}", output.len()),
+            ));
+        }
+        self.output = Some(output);
+        self.advance()
+    }
+
+    fn add_group(&mut self, group: usize, partial: Vec<f32>) -> Result<(), PipelineError> {
+        if partial.len() != self.group_rows[group].len() * self.hidden {
+            return Err(protocol(
+                &format!("group {group}"),
+                "output does not match the rows sent",
+            ));
+        }
+        self.pending[group] = Some(partial);
+        self.advance()
+    }
+
+    /// Adds every partial that is next in order.
+    fn advance(&mut self) -> Result<(), PipelineError> {
+        let Some(output) = &mut self.output else {
+            return Ok(());
+        };
+        while self.next < self.group_rows.len() {
+            let rows = &self.group_rows[self.next];
+            if rows.is_empty() {
+                self.next += 1;
+                continue;
+            }
+            let Some(partial) = self.pending[self.next].take() else {
+                break;
+            };
+            let h = self.hidden;
+            for (local, &row) in rows.iter().enumerate() {
+                let sum = &mut output[row as usize * h..(row as usize + 1) * h];
+                for (value, part) in sum.iter_mut().zip(&partial[local * h..(local + 1) * h]) {
+                    *value += part;
+                }
+            }
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Returns the sum once the shared output and every group with rows
+    /// are in.
+    fn finish(self) -> Result<Vec<f32>, PipelineError> {
+        let output = self.output.ok_or_else(|| protocol("shared expert", "no output"))?;
+        if let Some(group) = (self.next..self.group_rows.len()).find(|&group| !self.group_rows[group].is_empty()) {
+            return Err(protocol(&format!("group {group}"), "no output"));
+        }
+        Ok(output)
+    }
 }
 
 /// The client span of one expert call: a group's, or the shared expert's.
@@ -342,4 +407,80 @@ async fn compute(
     let replica = replica.name();
     tracing::Span::current().record("moge.replica", &*replica);
     Ok((group, values, replica))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The sum in the in-process order, written out plainly.
+    fn sequential(shared: &[f32], group_rows: &[Vec<u32>], partials: &[Vec<f32>], h: usize) -> Vec<f32> {
+        let mut output = shared.to_vec();
+        for (rows, partial) in group_rows.iter().zip(partials) {
+            for (local, &row) in rows.iter().enumerate() {
+                for column in 0..h {
+                    output[row as usize * h + column] += partial[local * h + column];
+                }
+            }
+        }
+        output
+    }
+
+    proptest! {
+        #[test]
+        fn any_arrival_order_sums_bitwise_in_group_order(
+            tokens in 1_usize..6,
+            h in 1_usize..5,
+            membership in proptest::collection::vec(proptest::collection::vec(any::<bool>(), 6), 4),
+            values in proptest::collection::vec(-1.0e3_f32..1.0e3, 6 * 5 * 5),
+            order in Just((0..5_usize).collect::<Vec<_>>()).prop_shuffle(),
+        ) {
+            // Group g computes the rows whose membership bit is set.
+            let group_rows: Vec<Vec<u32>> = membership
+                .iter()
+                .map(|bits| (0..tokens as u32).filter(|&row| bits[row as usize]).collect())
+                .collect();
+            let mut next_value = values.iter().copied().cycle();
+            let mut take = |count: usize| -> Vec<f32> { (0..count).map(|_| next_value.next().unwrap()).collect() };
+            let shared = take(tokens * h);
+            let partials: Vec<Vec<f32>> = group_rows.iter().map(|rows| take(rows.len() * h)).collect();
+            let expected = sequential(&shared, &group_rows, &partials, h);
+
+            // Arrival order: a permutation of the shared expert (index 4)
+            // and the groups with rows.
+            let mut sum = InOrderSum::new(&group_rows, tokens, h);
+            for &arrival in &order {
+                if arrival == 4 {
+                    sum.add_shared(shared.clone()).unwrap();
+                } else if !group_rows[arrival].is_empty() {
+                    sum.add_group(arrival, partials[arrival].clone()).unwrap();
+                }
+            }
+            let output = sum.finish().unwrap();
+            let bits = |values: &[f32]| values.iter().map(|value| value.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&output), bits(&expected));
+        }
+    }
+
+    #[test]
+    fn missing_group_output_is_an_error() {
+        let group_rows = vec![vec![0], vec![1]];
+        let mut sum = InOrderSum::new(&group_rows, 2, 1);
+        sum.add_group(1, vec![1.0]).unwrap();
+        sum.add_shared(vec![0.0, 0.0]).unwrap();
+        let error = sum.finish().unwrap_err().to_string();
+        assert!(error.contains("group 0") && error.contains("no output"), "{error}");
+    }
+
+    #[test]
+    fn partial_of_wrong_size_is_rejected() {
+        let group_rows = vec![vec![0, 1]];
+        let mut sum = InOrderSum::new(&group_rows, 2, 3);
+        let error = sum.add_group(0, vec![0.0; 3]).unwrap_err().to_string();
+        assert!(error.contains("group 0"), "{error}");
+        let error = sum.add_shared(vec![0.0; 5]).unwrap_err().to_string();
+        assert!(error.contains("expected 6"), "{error}");
+    }
 }
