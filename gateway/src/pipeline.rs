@@ -415,7 +415,7 @@ mod tests {
 
     use super::*;
 
-    /// The sum in the in-process order, written out plainly.
+    /// Sums in the in-process order, written out plainly.
     fn sequential(shared: &[f32], group_rows: &[Vec<u32>], partials: &[Vec<f32>], h: usize) -> Vec<f32> {
         let mut output = shared.to_vec();
         for (rows, partial) in group_rows.iter().zip(partials) {
@@ -471,7 +471,8 @@ mod tests {
         sum.add_group(1, vec![1.0]).unwrap();
         sum.add_shared(vec![0.0, 0.0]).unwrap();
         let error = sum.finish().unwrap_err().to_string();
-        assert!(error.contains("group 0") && error.contains("no output"), "{error}");
+        assert!(error.contains("group 0"), "{error}");
+        assert!(error.contains("no output"), "{error}");
     }
 
     #[test]
