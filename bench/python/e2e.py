@@ -6,7 +6,8 @@
 (b), (c) and (e) with the same loads: a decode shape (64 clients, one token per
 request) and a prefill shape (512 tokens per request). It also measures (b) with
 telemetry on and off, and MoGE against top-K routing on a skewed router with every
-group capped to an equal CPU share ("balance pays").
+group capped to an equal CPU share ("balance pays"). The `memory` part, run on its
+own, records each process's peak RSS next to its weights on the balance preset.
 
 Writes every raw report to .cache/bench/e2e/ and prints Markdown for docs/benchmarks.md.
 Run it through scripts/bench-e2e.sh, which builds the binaries and the environment.
@@ -234,14 +235,15 @@ def main():
     parser.add_argument("--group-cpu-share", type=float, default=0.15,
                         help="CPU cap of each expert process in the balance run, as a fraction of one CPU")
     parser.add_argument("--parts", default="a,b,c,e,balance",
-                        help="comma-separated parts to run; the Markdown needs all of them")
+                        help="comma-separated parts to run, of a, b, c, e, balance and memory; "
+                             "the Markdown needs the first five")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     OUT.mkdir(parents=True, exist_ok=True)
     checkpoint = REPO / ".cache" / "bench" / "small"
     skewed = REPO / ".cache" / "bench" / f"{args.balance_preset}-skewed"
     ensure_checkpoint(checkpoint, "small")
-    if "balance" in parts:
+    if parts & {"balance", "memory"}:
         ensure_checkpoint(skewed, args.balance_preset, "--router-skew", "2.0", "--seed", "11")
     results: dict = {"date": str(date.today()), "machine": machine()}
 
@@ -305,6 +307,17 @@ def main():
                 "--requests", str(args.balance_requests),
                 "--concurrency", "2", "--routing", mode, gateway_http=split.http,
             )
+        split.stop()
+
+    if "memory" in parts:
+        print(f"memory: separate processes on {args.balance_preset}, uncapped", file=sys.stderr)
+        split = Split(skewed, "memory")
+        results["memory"] = {
+            "preset": args.balance_preset,
+            "decode": decode_load(split.target, "memory-decode", 2000),
+            "prefill": prefill_load(split.target, "memory-prefill", 16),
+            "processes": split.memory(),
+        }
         split.stop()
 
     name = "results.json" if parts >= {"a", "b", "c", "e", "balance"} else f"results-{'-'.join(sorted(parts))}.json"
