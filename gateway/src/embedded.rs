@@ -74,7 +74,7 @@ impl Embedded {
                                name: &'static str,
                                attributes: Vec<KeyValue>|
                -> anyhow::Result<String> {
-            let listener = bind(loopback).await?;
+            let listener = bind(loopback, "an embedded service's loopback port").await?;
             let url = format!("http://{}", listener.local_addr()?);
             let rpc = RpcLayer::new(attributes);
             let mut stopped = stopped.clone();

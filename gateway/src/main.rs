@@ -31,6 +31,7 @@ use moge_shared::proto::inference::grpc_inference_service_server::GrpcInferenceS
 use moge_shared::proto::moge::v1::DescribeRequest;
 use moge_shared::proto::moge::v1::host_client::HostClient;
 use moge_shared::service::serve_grpc_with_readiness;
+use moge_shared::settings::at_least;
 use moge_telemetry::{RpcLayer, Telemetry, TelemetryArgs};
 use opentelemetry::KeyValue;
 use std::path::PathBuf;
@@ -52,16 +53,20 @@ struct Args {
     /// Flags and MOGE_ environment variables override it.
     #[arg(long, env = "MOGE_CONFIG")]
     config: Option<PathBuf>,
-    /// Router address, `http://host:port`; comma-separated for replicas.
-    /// Without it the gateway starts the router, every expert group and the
-    /// shared expert in its own process (the embedded default).
+    /// Router address, `http://HOST:PORT`, `https://HOST:PORT` or
+    /// `HOST:PORT` (the scheme then follows the upstream TLS settings);
+    /// comma-separated for replicas. Without it the gateway starts the
+    /// router, every expert group and the shared expert in its own process
+    /// (the embedded default).
     #[arg(long, env = "MOGE_ROUTER", value_delimiter = ',', requires_all = ["groups", "shared_expert"])]
     router: Vec<String>,
-    /// Addresses of one expert group's replicas, comma-separated; repeat the
-    /// flag once per group, in group order.
+    /// Addresses of one expert group's replicas, written as for --router and
+    /// comma-separated; repeat the flag once per group, in group order. It
+    /// has no environment variable; a configuration file may list it.
     #[arg(long = "group", requires = "router")]
     groups: Vec<String>,
-    /// Shared expert address; comma-separated for replicas.
+    /// Shared expert address, written as for --router; comma-separated for
+    /// replicas.
     #[arg(long, env = "MOGE_SHARED_EXPERT", value_delimiter = ',', requires = "router")]
     shared_expert: Vec<String>,
     /// Embedded mode: checkpoint to serve. Default: the `small` checkpoint,
@@ -78,15 +83,16 @@ struct Args {
     /// Model name clients use.
     #[arg(long, env = "MOGE_MODEL_NAME", default_value = "moge")]
     model_name: String,
-    /// Largest number of tokens in one request, and in one batch of requests.
-    #[arg(long, env = "MOGE_MAX_BATCH_TOKENS", default_value_t = 8192)]
+    /// Largest number of tokens in one request, and in one batch of requests; at least 1.
+    #[arg(long, env = "MOGE_MAX_BATCH_TOKENS", default_value_t = 8192, value_parser = at_least(1_usize))]
     max_batch_tokens: usize,
     /// Microseconds the first request of a batch waits for others to join;
     /// 0 joins only requests already queued, as Triton's default does.
     #[arg(long, env = "MOGE_MAX_QUEUE_DELAY_US", default_value_t = 0)]
     max_queue_delay_us: u64,
-    /// Batches that run at once; while one is in the experts, the next gathers requests.
-    #[arg(long, env = "MOGE_MAX_INFLIGHT_BATCHES", default_value_t = 2)]
+    /// Batches that run at once, at least 1; while one is in the experts,
+    /// the next gathers requests.
+    #[arg(long, env = "MOGE_MAX_INFLIGHT_BATCHES", default_value_t = 2, value_parser = at_least(1_usize))]
     max_inflight_batches: usize,
     /// Most tokens admitted but not yet in a running batch, over all
     /// layers; a request beyond it gets RESOURCE_EXHAUSTED (HTTP 429) at
@@ -107,8 +113,9 @@ struct Args {
     /// HTTP/JSON port of the KServe v2 protocol; 0 picks a free port.
     #[arg(long, env = "MOGE_HTTP_PORT", default_value_t = 8000)]
     http_port: u16,
-    /// Largest gRPC message or HTTP body accepted or sent, in bytes.
-    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    /// Largest gRPC message or HTTP body accepted or sent, in bytes; at
+    /// least 65536.
+    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20, value_parser = at_least(65536_usize))]
     max_message_bytes: usize,
     /// Seconds that in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "MOGE_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
@@ -116,8 +123,8 @@ struct Args {
     /// Seconds to wait at start for the router to respond.
     #[arg(long, env = "MOGE_STARTUP_TIMEOUT_SECONDS", default_value_t = 60)]
     startup_timeout_seconds: u64,
-    /// Milliseconds between health probes of every upstream replica.
-    #[arg(long, env = "MOGE_PROBE_INTERVAL_MS", default_value_t = 500)]
+    /// Milliseconds between health probes of every upstream replica; at least 10.
+    #[arg(long, env = "MOGE_PROBE_INTERVAL_MS", default_value_t = 500, value_parser = at_least(10_u64))]
     probe_interval_ms: u64,
     /// Replica name of this gateway in telemetry, for example the pod name;
     /// default: HOST:GRPC_PORT.
@@ -137,7 +144,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    moge_telemetry::exit::exit_status(run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     let mut args = moge_shared::settings::parse::<Args>();
     if args.max_queued_tokens < args.max_batch_tokens {
         bail!(
@@ -159,8 +170,8 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     let security = Security::load(&args.tls, &args.upstream_tls, args.auth_token_file.as_deref())?;
-    let grpc_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.grpc_port)).await?;
-    let http_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.http_port)).await?;
+    let grpc_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.grpc_port), "--grpc-port").await?;
+    let http_listener = moge_shared::service::bind(SocketAddr::new(args.host, args.http_port), "--http-port").await?;
     let drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
     let embedded = if args.router.is_empty() {
         let dir = match &args.checkpoint {
@@ -281,7 +292,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // gRPC health of the inference service follows readiness, for probes.
     let (ready, readiness) = tokio::sync::watch::channel(upstreams.is_ready());
-    upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms), ready);
+    let probe = upstreams.spawn_probe(Duration::from_millis(args.probe_interval_ms), ready);
 
     let routing_mode = match moge_shared::proto::moge::v1::RoutingMode::try_from(description.default_mode) {
         Ok(moge_shared::proto::moge::v1::RoutingMode::TopK) => "top-k",
@@ -333,6 +344,9 @@ async fn main() -> anyhow::Result<()> {
     if tokio::time::timeout(drain_timeout, http_server).await.is_err() {
         tracing::warn!("HTTP drain overran its timeout");
     }
+    // Nothing is served any more: stop probing before the embedded
+    // services stop, so that their shutdown is not logged as failures.
+    probe.abort();
     if let Some(stack) = embedded {
         stack.stop().await;
     }

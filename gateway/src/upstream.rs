@@ -98,6 +98,18 @@ pub struct Pool {
     retries: AtomicU64,
 }
 
+/// Returns `address` with a scheme: `HOST:PORT` gets `https://` when
+/// upstream TLS is on and `http://` otherwise; a URL is kept as it is.
+fn with_scheme(address: &str, tls: bool) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else if tls {
+        format!("https://{address}")
+    } else {
+        format!("http://{address}")
+    }
+}
+
 /// A configured address that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum AddressError {
@@ -110,6 +122,16 @@ pub enum AddressError {
         url: String,
         /// Underlying error.
         source: tonic::transport::Error,
+    },
+    /// The address has a scheme other than `http` or `https`.
+    #[error(
+        "{name}: upstream address {url:?} has an unsupported scheme, expected HOST:PORT, http://HOST:PORT or https://HOST:PORT"
+    )]
+    Scheme {
+        /// Pool name.
+        name: String,
+        /// The address.
+        url: String,
     },
     /// The address's scheme does not match the upstream TLS settings.
     #[error(transparent)]
@@ -128,13 +150,20 @@ impl Pool {
     ) -> Result<Self, AddressError> {
         let replicas = urls
             .iter()
+            .map(|url| with_scheme(url, tls.enabled()))
             .map(|url| {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(AddressError::Scheme {
+                        name: name.clone(),
+                        url,
+                    });
+                }
                 let endpoint = Endpoint::from_shared(url.clone()).map_err(|source| AddressError::Invalid {
                     name: name.clone(),
                     url: url.clone(),
                     source,
                 })?;
-                let endpoint = tls.configure(&name, url, endpoint)?;
+                let endpoint = tls.configure(&name, &url, endpoint)?;
                 let endpoint = endpoint
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)
@@ -367,9 +396,14 @@ impl Upstreams {
         self.pools().all(Pool::is_ready)
     }
 
-    /// Probes every replica every `interval`, forever, and publishes
-    /// [`Upstreams::is_ready`] after each round on `ready`.
-    pub fn spawn_probe(self: &Arc<Self>, interval: Duration, ready: tokio::sync::watch::Sender<bool>) {
+    /// Probes every replica every `interval` until the returned task is
+    /// aborted, and publishes [`Upstreams::is_ready`] after each round on
+    /// `ready`.
+    pub fn spawn_probe(
+        self: &Arc<Self>,
+        interval: Duration,
+        ready: tokio::sync::watch::Sender<bool>,
+    ) -> tokio::task::JoinHandle<()> {
         let upstreams = Arc::clone(self);
         tokio::spawn(async move {
             loop {
@@ -380,7 +414,7 @@ impl Upstreams {
                 ready.send_if_modified(|state| std::mem::replace(state, now_ready) != now_ready);
                 tokio::time::sleep(interval).await;
             }
-        });
+        })
     }
 }
 
@@ -561,6 +595,38 @@ mod tests {
             replica.identity.store(VERIFIED, Ordering::Relaxed);
         }
         pool
+    }
+
+    fn pool_at(url: &str) -> Result<Pool, AddressError> {
+        let identity = Identity {
+            role: Role::Router,
+            group: None,
+        };
+        Pool::new(
+            "router".to_owned(),
+            "moge.v1.Router",
+            identity,
+            &[url.to_owned()],
+            &UpstreamTls::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn address_without_scheme_gets_http() {
+        let pool = pool_at("127.0.0.1:9001").unwrap();
+        assert_eq!(pool.replicas[0].url, "http://127.0.0.1:9001");
+        let pool = pool_at("http://[::1]:9001").unwrap();
+        assert_eq!(pool.replicas[0].url, "http://[::1]:9001");
+    }
+
+    #[tokio::test]
+    async fn address_with_other_scheme_is_rejected() {
+        let Err(error) = pool_at("grpc://127.0.0.1:9001") else {
+            panic!("grpc:// was accepted");
+        };
+        let message = error.to_string();
+        assert!(message.contains("\"grpc://127.0.0.1:9001\""), "{message}");
+        assert!(message.contains("expected HOST:PORT"), "{message}");
     }
 
     #[tokio::test]

@@ -89,7 +89,11 @@ fn parse_layers(text: &str) -> Result<Range<usize>, String> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    moge_telemetry::exit::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     moge_telemetry::init_logging();
     match Cli::parse().command {
         Command::Generate(args) => generate(args),

@@ -31,7 +31,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    moge_telemetry::exit::exit_status(run().await)
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = moge_shared::settings::parse::<Args>();
     let telemetry = Telemetry::start("moge-router", &args.telemetry, args.server.host, args.server.instance()).await?;
     let tls = args.server.grpc_tls("moge-router")?;

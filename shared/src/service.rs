@@ -41,8 +41,10 @@ pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The address could not be bound.
-    #[error("failed to listen on {address}: {source}")]
+    #[error("{setting}: failed to listen on {address}: {source}; choose another port, or 0 for any free one")]
     Bind {
+        /// The flag that set the port, or what chose it.
+        setting: &'static str,
         /// Address requested.
         address: std::net::SocketAddr,
         /// Underlying error.
@@ -56,11 +58,16 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Binds a TCP listener for a gRPC service.
-pub async fn bind(address: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+/// Binds a TCP listener for a service on the port that `setting` (a flag
+/// such as `--grpc-port`) chose; errors name the setting.
+pub async fn bind(address: std::net::SocketAddr, setting: &'static str) -> Result<tokio::net::TcpListener, ServeError> {
     tokio::net::TcpListener::bind(address)
         .await
-        .map_err(|source| ServeError::Bind { address, source })
+        .map_err(|source| ServeError::Bind {
+            setting,
+            address,
+            source,
+        })
 }
 
 /// Serves `routes` on `listener` until SIGTERM or SIGINT; see
@@ -162,6 +169,7 @@ async fn serve(
     use tonic_health::ServingStatus;
 
     let address = listener.local_addr().map_err(|source| ServeError::Bind {
+        setting: "--grpc-port",
         address: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         source,
     })?;
@@ -215,8 +223,11 @@ async fn serve(
             tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
         }
         Some(config) => {
-            let incoming = crate::tls::TlsIncoming::new(listener, config)
-                .map_err(|source| ServeError::Bind { address, source })?;
+            let incoming = crate::tls::TlsIncoming::new(listener, config).map_err(|source| ServeError::Bind {
+                setting: "--grpc-port",
+                address,
+                source,
+            })?;
             tokio::spawn(server.serve_with_incoming_shutdown(incoming, stopped))
         }
     };

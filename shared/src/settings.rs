@@ -81,8 +81,8 @@ pub struct ServerArgs {
     /// gRPC port; 0 picks a free port, which the "listening" log line reports.
     #[arg(long, env = "MOGE_GRPC_PORT", default_value_t = 8001)]
     pub grpc_port: u16,
-    /// Largest gRPC message accepted or sent, in bytes.
-    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20)]
+    /// Largest gRPC message accepted or sent, in bytes; at least 65536.
+    #[arg(long, env = "MOGE_MAX_MESSAGE_BYTES", default_value_t = 256 << 20, value_parser = at_least(65536_usize))]
     pub max_message_bytes: usize,
     /// Replica name reported by `moge.v1.Host/Describe`, for example the pod name.
     #[arg(long, env = "MOGE_REPLICA", default_value = "")]
@@ -99,7 +99,7 @@ impl ServerArgs {
     /// Binds the gRPC port. Services bind before they load weights, so that
     /// a port in use fails at once and the replica name can use the port.
     pub async fn bind(&self) -> Result<tokio::net::TcpListener, crate::service::ServeError> {
-        crate::service::bind(std::net::SocketAddr::new(self.host, self.grpc_port)).await
+        crate::service::bind(std::net::SocketAddr::new(self.host, self.grpc_port), "--grpc-port").await
     }
 
     /// Reads the TLS files, logs which are used and returns the gRPC
@@ -171,6 +171,18 @@ pub enum SettingsError {
         /// The key.
         key: String,
     },
+}
+
+/// Returns a parser of a whole-number flag value of at least `minimum`.
+/// clap prefixes its error with the flag's name and the rejected value.
+pub fn at_least<T>(minimum: T) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy + Send + Sync + 'static,
+{
+    move |text: &str| match text.parse::<T>() {
+        Ok(value) if value >= minimum => Ok(value),
+        _ => Err(format!("expected a whole number of at least {minimum}")),
+    }
 }
 
 /// Parses the process's arguments into `T`, filling from the TOML file named

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod balance;
+pub mod exit;
 pub mod propagation;
 mod rpc;
 pub mod window;
@@ -65,7 +66,10 @@ pub enum TelemetryError {
         message: String,
     },
     /// The metrics port could not be bound.
-    #[error("failed to listen for metrics on {address}")]
+    #[error(
+        "--metrics-port: failed to listen for metrics on {address}: {source}; choose another port, \
+         0 for any free one, or --disable-metrics"
+    )]
     Bind {
         /// Address requested.
         address: SocketAddr,
