@@ -55,8 +55,9 @@ struct GenerateArgs {
     /// Router skew X >= 0: favoured experts' gate rows are scaled by 1 + X.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     router_skew: f32,
-    /// Explicit group count M (written as `n_group`); default K, as Pangu Pro MoE.
-    #[arg(long)]
+    /// Explicit group count M (written as `n_group`), at least 1 and a
+    /// divisor of the expert count; default K, as Pangu Pro MoE.
+    #[arg(long, value_parser = moge_shared::settings::at_least(1_usize))]
     groups: Option<usize>,
     /// Write a single model.safetensors instead of one shard per layer.
     #[arg(long)]

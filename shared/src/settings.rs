@@ -43,6 +43,16 @@ pub enum ModelError {
         /// Underlying error.
         source: crate::checkpoint::CheckpointError,
     },
+    /// A layer named by `--layers` is not in the checkpoint.
+    #[error("--layers: layer {layer} is not in checkpoint {dir}, which has layers {available:?}")]
+    MissingLayer {
+        /// The layer asked for.
+        layer: usize,
+        /// The directory.
+        dir: String,
+        /// Layers the checkpoint has.
+        available: Vec<usize>,
+    },
     /// No layer would be hosted.
     #[error("checkpoint {dir} contains no layer tensors, expected at least one layer to host")]
     NoLayers {
@@ -59,8 +69,12 @@ impl ModelArgs {
             dir: dir.clone(),
             source,
         })?;
+        let available = checkpoint.layers();
+        if let Some(&layer) = self.layers.iter().find(|layer| !available.contains(layer)) {
+            return Err(ModelError::MissingLayer { layer, dir, available });
+        }
         let layers = if self.layers.is_empty() {
-            checkpoint.layers()
+            available
         } else {
             self.layers.clone()
         };

@@ -47,11 +47,26 @@ pub struct TelemetryArgs {
     pub disable_metrics: bool,
     /// OTLP/gRPC collector that receives traces and metrics, for example
     /// `http://127.0.0.1:4317`. Unset: no OTLP export.
-    #[arg(long, env = "MOGE_OTLP_ENDPOINT")]
+    #[arg(long, env = "MOGE_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
     pub otlp_endpoint: Option<String>,
     /// Seconds between two OTLP metric exports.
     #[arg(long, env = "MOGE_OTLP_METRICS_INTERVAL_SECONDS", default_value_t = 10)]
     pub otlp_metrics_interval_seconds: u64,
+}
+
+/// Checks an `--otlp-endpoint` value: an `http://` URL with a host. The
+/// exporter is built without TLS, so an `https://` collector is rejected
+/// here rather than failing at the first export.
+fn otlp_endpoint(text: &str) -> Result<String, String> {
+    match text.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() => Ok(text.to_owned()),
+        _ if text.starts_with("https://") => Err(
+            "https is not supported, because the OTLP exporter is built without TLS; expected an http:// \
+             collector address such as http://127.0.0.1:4317"
+                .to_owned(),
+        ),
+        _ => Err("expected an http:// collector address such as http://127.0.0.1:4317".to_owned()),
+    }
 }
 
 /// A failure to set up telemetry.
