@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use moge_ctl::client::{BalanceClient, ClientArgs, ClientSecurity, parse_address};
 use moge_telemetry::balance::BalanceReport;
 
 /// Shortest `--watch` interval, in seconds.
@@ -28,8 +29,10 @@ enum Command {
     /// Print the per-device load, imbalance score and straggler gap of the
     /// last minute, from the gateway's `GET /v1/balance`.
     Balance {
-        /// The gateway's HTTP address.
-        #[arg(long, env = "MOGE_GATEWAY_HTTP", default_value = "http://127.0.0.1:8000")]
+        /// The gateway's HTTP address: HOST:PORT, http://HOST:PORT or
+        /// https://HOST:PORT. HOST:PORT uses https:// when --tls-ca-file is
+        /// set and http:// otherwise.
+        #[arg(long, env = "MOGE_GATEWAY_HTTP", default_value = "127.0.0.1:8000", value_parser = parse_address)]
         gateway: String,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
@@ -38,6 +41,8 @@ enum Command {
         /// until interrupted or until stdout is closed.
         #[arg(long, value_name = "SECONDS", value_parser = parse_watch, allow_negative_numbers = true)]
         watch: Option<Duration>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
@@ -54,22 +59,6 @@ fn parse_watch(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(Duration::from_secs_f64(seconds))
-}
-
-fn fetch(gateway: &str) -> anyhow::Result<BalanceReport> {
-    let url = format!("{}/v1/balance", gateway.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(REQUEST_TIMEOUT))
-        .build()
-        .into();
-    let mut response = agent
-        .get(&url)
-        .call()
-        .with_context(|| format!("failed to fetch {url}; is the gateway's HTTP port right (--gateway)?"))?;
-    response
-        .body_mut()
-        .read_json::<BalanceReport>()
-        .with_context(|| format!("{url} did not return a balance report"))
 }
 
 /// Formats seconds as milliseconds with three decimals.
@@ -155,9 +144,16 @@ fn print(text: &str) -> anyhow::Result<bool> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let Command::Balance { gateway, json, watch } = Cli::parse().command;
+    let Command::Balance {
+        gateway,
+        json,
+        watch,
+        client,
+    } = Cli::parse().command;
+    let security = ClientSecurity::load(&client)?;
+    let balance = BalanceClient::new(&security, "--gateway", &gateway, REQUEST_TIMEOUT)?;
     loop {
-        let report = fetch(&gateway)?;
+        let report = balance.fetch()?;
         let text = if json {
             let mut text = serde_json::to_string_pretty(&report)?;
             text.push('\n');

@@ -1,5 +1,5 @@
-//! `moge-ctl balance` as an operator runs it: `--watch` validation and a
-//! closed stdout, against an embedded gateway on loopback.
+//! `moge-ctl balance` as an operator runs it: address forms, `--watch`
+//! validation and a closed stdout, against an embedded gateway on loopback.
 
 use std::io::BufRead;
 use std::process::{Command, Output, Stdio};
@@ -32,10 +32,35 @@ fn watch_rejects_invalid_intervals() {
 }
 
 #[test]
+fn gateway_rejects_other_schemes() {
+    for value in ["ftp://127.0.0.1:8000", "127.0.0.1", "grpc://localhost:8001"] {
+        let output = ctl(&["balance", "--gateway", value]);
+
+        assert_eq!(output.status.code(), Some(2), "--gateway {value}: {}", stderr(&output));
+        let message = stderr(&output);
+        assert!(message.contains("--gateway"), "{message}");
+        assert!(message.contains("expected HOST:PORT"), "{message}");
+    }
+}
+
+#[test]
+fn balance_accepts_host_port() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut gateway = start_embedded_gateway(&["--cache-dir", cache.path().to_str().unwrap()]);
+    let http = gateway.http_address().to_string();
+
+    let output = ctl(&["balance", "--gateway", &http]);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("default routing mode: moge"), "{stdout}");
+}
+
+#[test]
 fn watch_stops_when_stdout_closes() {
     let cache = tempfile::tempdir().unwrap();
     let mut gateway = start_embedded_gateway(&["--cache-dir", cache.path().to_str().unwrap()]);
-    let http = format!("http://{}", gateway.http_address());
+    let http = gateway.http_address().to_string();
     let mut child = Command::new(binary("moge-ctl"))
         .args(["balance", "--gateway", &http, "--watch", "0.2"])
         .stdout(Stdio::piped())
