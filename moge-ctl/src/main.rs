@@ -2,11 +2,20 @@
 //! `moge-ctl balance` prints the gateway's balance report as a table.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use moge_ctl::client::{BalanceClient, ClientArgs, ClientSecurity, parse_address};
 use moge_telemetry::balance::BalanceReport;
+
+/// Shortest `--watch` interval, in seconds.
+const MIN_WATCH_SECONDS: f64 = 0.1;
+/// Longest `--watch` interval, in seconds: one day.
+const MAX_WATCH_SECONDS: f64 = 86_400.0;
+/// Time each balance request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Parser)]
 #[command(version, about = "Operator commands for a running moge-serve deployment")]
@@ -20,32 +29,36 @@ enum Command {
     /// Print the per-device load, imbalance score and straggler gap of the
     /// last minute, from the gateway's `GET /v1/balance`.
     Balance {
-        /// The gateway's HTTP address.
-        #[arg(long, env = "MOGE_GATEWAY_HTTP", default_value = "http://127.0.0.1:8000")]
+        /// The gateway's HTTP address: HOST:PORT, http://HOST:PORT or
+        /// https://HOST:PORT. HOST:PORT uses https:// when --tls-ca-file is
+        /// set and http:// otherwise.
+        #[arg(long, env = "MOGE_GATEWAY_HTTP", default_value = "127.0.0.1:8000", value_parser = parse_address)]
         gateway: String,
         /// Print the report as JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Print the report again every this many seconds, until interrupted.
-        #[arg(long)]
-        watch: Option<f64>,
+        /// Print the report again every this many seconds (0.1 to 86400),
+        /// until interrupted or until stdout is closed.
+        #[arg(long, value_name = "SECONDS", value_parser = parse_watch, allow_negative_numbers = true)]
+        watch: Option<Duration>,
+        #[command(flatten)]
+        client: ClientArgs,
     },
 }
 
-fn fetch(gateway: &str) -> anyhow::Result<BalanceReport> {
-    let url = format!("{}/v1/balance", gateway.trim_end_matches('/'));
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let mut response = agent
-        .get(&url)
-        .call()
-        .with_context(|| format!("failed to fetch {url}; is the gateway's HTTP port right (--gateway)?"))?;
-    response
-        .body_mut()
-        .read_json::<BalanceReport>()
-        .with_context(|| format!("{url} did not return a balance report"))
+/// Parses the `--watch` interval. clap adds the flag's name to the error.
+fn parse_watch(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a number of seconds from {MIN_WATCH_SECONDS} to {MAX_WATCH_SECONDS}"))?;
+    // NaN fails the range check too.
+    if !(MIN_WATCH_SECONDS..=MAX_WATCH_SECONDS).contains(&seconds) {
+        return Err(format!(
+            "{text} is out of range, expected a number of seconds from {MIN_WATCH_SECONDS} to {MAX_WATCH_SECONDS} (one day)"
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// Formats seconds as milliseconds with three decimals.
@@ -119,20 +132,45 @@ fn table(report: &BalanceReport) -> String {
     out
 }
 
+/// Writes `text` to stdout. Returns `Ok(false)` when stdout is closed,
+/// for example by `head`, which ends the command without an error.
+fn print(text: &str) -> anyhow::Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match write!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(error).context("failed to write to stdout"),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    let Command::Balance { gateway, json, watch } = Cli::parse().command;
+    let Command::Balance {
+        gateway,
+        json,
+        watch,
+        client,
+    } = Cli::parse().command;
+    let security = ClientSecurity::load(&client)?;
+    let balance = BalanceClient::new(&security, "--gateway", &gateway, REQUEST_TIMEOUT)?;
     loop {
-        let report = fetch(&gateway)?;
-        if json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+        let report = balance.fetch()?;
+        let text = if json {
+            let mut text = serde_json::to_string_pretty(&report)?;
+            text.push('\n');
+            text
         } else {
-            print!("{}", table(&report));
+            table(&report)
+        };
+        if !print(&text)? {
+            return Ok(());
         }
-        let Some(seconds) = watch else {
+        let Some(interval) = watch else {
             return Ok(());
         };
-        std::thread::sleep(Duration::from_secs_f64(seconds.max(0.1)));
-        println!();
+        std::thread::sleep(interval);
+        if !print("\n")? {
+            return Ok(());
+        }
     }
 }
 
@@ -169,5 +207,32 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("0.2500"), "{text}");
+    }
+
+    #[test]
+    fn watch_accepts_range() {
+        assert_eq!(parse_watch("0.1"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_watch("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_watch("86400"), Ok(Duration::from_secs(86_400)));
+    }
+
+    #[test]
+    fn watch_rejects_out_of_range() {
+        for text in ["NaN", "inf", "-inf", "1e30", "0", "0.05", "-1", "86401"] {
+            let error = parse_watch(text).unwrap_err();
+            assert!(error.contains("out of range"), "{text}: {error}");
+            assert!(error.contains("from 0.1 to 86400"), "{text}: {error}");
+        }
+        let error = parse_watch("soon").unwrap_err();
+        assert!(error.contains("expected a number of seconds"), "{error}");
+    }
+
+    #[test]
+    fn watch_error_names_flag() {
+        let error = Cli::try_parse_from(["moge-ctl", "balance", "--watch", "NaN"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("--watch"), "{error}");
     }
 }

@@ -3,30 +3,54 @@
 //! latency percentiles of prefill and decode calls, errors by status code
 //! and the gateway's balance report.
 
+mod connect;
 mod report;
 mod run;
 mod trace;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use moge_shared::DType;
+use moge_ctl::client::{BalanceClient, ClientArgs, ClientSecurity, parse_address};
 use moge_shared::proto::inference::ModelMetadataRequest;
-use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use moge_shared::{DType, RoutingMode};
 use tokio::sync::mpsc;
 
+use crate::connect::AddAuthorization;
 use crate::report::{Latency, Percentiles, Report, Throughput};
 use crate::run::{CallKind, RunOptions};
 use crate::trace::TraceOptions;
 
+/// Exit status of a run that finished with at least one failed call.
+const EXIT_CALLS_FAILED: u8 = 3;
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  every call succeeded
+  1  the run could not start or finish: for example the gateway is
+     unreachable, rejects the token or the TLS handshake, a file cannot
+     be read, or the balance report of --gateway-http cannot be read
+     after the run (the report is then printed without it)
+  2  invalid arguments
+  3  the run finished but at least one call failed; the report, with the
+     first error message of each status code, is still printed and
+     written to --json";
+
 #[derive(Parser)]
-#[command(version, about = "Replay an LLM inference trace against a moge-serve gateway")]
+#[command(
+    version,
+    about = "Replay an LLM inference trace against a moge-serve gateway",
+    after_help = EXIT_STATUS_HELP
+)]
 struct Args {
-    /// Gateway gRPC address, HOST:PORT or http://HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:8001")]
+    /// Gateway gRPC address: HOST:PORT, http://HOST:PORT or
+    /// https://HOST:PORT. HOST:PORT uses https:// when --tls-ca-file is set
+    /// and http:// otherwise.
+    #[arg(long, default_value = "127.0.0.1:8001", value_parser = parse_address)]
     target: String,
     /// Trace in the Azure LLM inference format (TIMESTAMP,ContextTokens,GeneratedTokens).
     /// Without it, a synthetic load of --requests requests of --tokens tokens.
@@ -36,10 +60,10 @@ struct Args {
     #[arg(long, default_value = "0..60", value_parser = parse_window)]
     window: (f64, f64),
     /// Arrival times are multiplied by this (0.5 replays twice as fast).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_scale)]
     time_scale: f64,
     /// Token counts are multiplied by this (context at least 1).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = parse_scale)]
     token_scale: f64,
     /// Largest number of decode calls per request.
     #[arg(long, default_value_t = usize::MAX)]
@@ -50,15 +74,15 @@ struct Args {
     /// Synthetic load: number of requests.
     #[arg(long, default_value_t = 1000)]
     requests: usize,
-    /// Synthetic load: tokens of each request's prefill call.
-    #[arg(long, default_value_t = 1)]
+    /// Synthetic load: tokens of each request's prefill call, at least 1.
+    #[arg(long, default_value_t = 1, value_parser = parse_at_least_one)]
     tokens: usize,
     /// Synthetic load: decode calls per request.
     #[arg(long, default_value_t = 0)]
     decodes: usize,
-    /// Closed loop with this many requests in flight, ignoring arrival times.
-    /// Default: open loop for a trace, 64 for a synthetic load.
-    #[arg(long)]
+    /// Closed loop with this many requests in flight (at least 1), ignoring
+    /// arrival times. Default: open loop for a trace, 64 for a synthetic load.
+    #[arg(long, value_parser = parse_at_least_one)]
     concurrency: Option<usize>,
     /// Datatype of the hidden states: BF16, FP16 or FP32.
     #[arg(long, default_value = "FP32")]
@@ -67,17 +91,20 @@ struct Args {
     /// is the next one's input.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     layers: Vec<u32>,
-    /// Routing mode per request (moge, top-k or group-limited); default: the deployment's.
+    /// Routing mode per request: moge, top-k or group-limited. Default: the
+    /// deployment's.
     #[arg(long)]
-    routing: Option<String>,
+    routing: Option<RoutingMode>,
     /// Model name.
     #[arg(long, default_value = "moge")]
     model: String,
-    /// gRPC connections to spread the calls over.
-    #[arg(long, default_value_t = 4)]
+    /// gRPC connections to spread the calls over, at least 1.
+    #[arg(long, default_value_t = 4, value_parser = parse_at_least_one)]
     connections: usize,
-    /// Gateway HTTP address, to read its balance report after the run.
-    #[arg(long)]
+    /// Gateway HTTP address, to read its balance report after the run:
+    /// HOST:PORT, http://HOST:PORT or https://HOST:PORT. It uses the same
+    /// token and TLS settings as --target.
+    #[arg(long, value_parser = parse_address)]
     gateway_http: Option<String>,
     /// Write the report as JSON to this file.
     #[arg(long)]
@@ -88,6 +115,31 @@ struct Args {
     /// Largest gRPC message, in bytes.
     #[arg(long, default_value_t = 256 << 20)]
     max_message_bytes: usize,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Parses a count that must be at least 1. clap adds the flag's name.
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) => Err("0 is out of range, expected an integer of at least 1".to_owned()),
+        Ok(count) => Ok(count),
+        Err(_) => Err(format!("{text:?} is not an integer, expected an integer of at least 1")),
+    }
+}
+
+/// Parses a scale factor: a finite number of at least 0.
+fn parse_scale(text: &str) -> Result<f64, String> {
+    let scale: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number, expected a finite number of at least 0"))?;
+    if !(scale.is_finite() && scale >= 0.0) {
+        return Err(format!(
+            "{text} is out of range, expected a finite number of at least 0"
+        ));
+    }
+    Ok(scale)
 }
 
 fn parse_window(text: &str) -> Result<(f64, f64), String> {
@@ -106,22 +158,35 @@ fn parse_window(text: &str) -> Result<(f64, f64), String> {
     Ok((start, end))
 }
 
-fn fetch_balance(gateway: &str) -> anyhow::Result<moge_telemetry::balance::BalanceReport> {
-    let url = format!("{}/v1/balance", gateway.trim_end_matches('/'));
-    let mut response = ureq::get(&url)
-        .call()
-        .with_context(|| format!("failed to fetch {url}"))?;
-    Ok(response.body_mut().read_json()?)
+/// Describes a failed `ModelMetadata` call, with a hint for a token problem.
+fn metadata_error(model: &str, target: &str, status: &tonic::Status, has_token: bool) -> anyhow::Error {
+    let hint = match (status.code(), has_token) {
+        (tonic::Code::Unauthenticated, false) => "; set --auth-token-file to the gateway's token file",
+        (tonic::Code::Unauthenticated, true) => "; check that --auth-token-file contains the gateway's token",
+        _ => "",
+    };
+    anyhow::anyhow!(
+        "failed to read the metadata of model {model:?} from {target}: {}: {}{hint}",
+        moge_telemetry::status_name(status.code()),
+        status.message()
+    )
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<ExitCode> {
     moge_telemetry::init_logging();
     let args = Args::parse();
-    let target = if args.target.contains("://") {
-        args.target.clone()
-    } else {
-        format!("http://{}", args.target)
+    let security = ClientSecurity::load(&args.client)?;
+    let target = security.url("--target", &args.target)?;
+    // Checked before the run, so that a bad address stops the tool before any call.
+    let balance_client = match &args.gateway_http {
+        Some(address) => Some(BalanceClient::new(
+            &security,
+            "--gateway-http",
+            address,
+            Duration::from_secs(10),
+        )?),
+        None => None,
     };
     let plan = match &args.trace {
         Some(path) => trace::read_trace(
@@ -145,28 +210,24 @@ async fn main() -> anyhow::Result<()> {
         (Some(_), None) => None,
     };
 
-    let endpoint = tonic::transport::Endpoint::from_shared(target.clone())
-        .with_context(|| format!("--target {target:?} is not a valid address"))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(moge_shared::service::HTTP2_STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(moge_shared::service::HTTP2_CONNECTION_WINDOW_BYTES)
-        .connect_timeout(Duration::from_secs(5));
-    let mut channels = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        channels.push(
-            endpoint
-                .connect()
-                .await
-                .with_context(|| format!("failed to connect to {target}"))?,
-        );
+    let endpoint = connect::endpoint(&security, &target)?;
+    let authorization = AddAuthorization::new(&security)?;
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        let channel = endpoint
+            .connect()
+            .await
+            .with_context(|| format!("failed to connect to {target}"))?;
+        clients.push(connect::client(channel, authorization.clone(), args.max_message_bytes));
     }
-    let metadata = GrpcInferenceServiceClient::new(channels[0].clone())
+    let metadata = clients[0]
+        .clone()
         .model_metadata(ModelMetadataRequest {
             name: args.model.clone(),
             version: String::new(),
         })
         .await
-        .with_context(|| format!("failed to read the metadata of model {:?}", args.model))?
+        .map_err(|status| metadata_error(&args.model, &target, &status, security.authorization().is_some()))?
         .into_inner();
     let hidden_size = metadata
         .inputs
@@ -190,15 +251,14 @@ async fn main() -> anyhow::Result<()> {
     let options = RunOptions {
         model: args.model.clone(),
         layers: args.layers.clone(),
-        routing: args.routing.clone(),
+        routing: args.routing,
         dtype: args.datatype,
         hidden_size,
         concurrency,
-        max_message_bytes: args.max_message_bytes,
         seed: args.seed,
     };
     let (sender, mut receiver) = mpsc::unbounded_channel();
-    let runner = tokio::spawn(run::run(plan, channels, options, sender));
+    let runner = tokio::spawn(run::run(plan, clients, options, sender));
 
     let progress = indicatif::ProgressBar::new(calls as u64).with_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} calls, {per_sec}, {msg}")
@@ -206,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut error_examples: BTreeMap<String, String> = BTreeMap::new();
     let (mut ok_calls, mut tokens) = (0, 0);
     while let Some(record) = receiver.recv().await {
         progress.inc(1);
@@ -218,8 +279,20 @@ async fn main() -> anyhow::Result<()> {
                     CallKind::Decode => decode.push(record.seconds),
                 }
             }
-            Some(code) => {
-                *errors.entry(moge_telemetry::status_name(code).to_owned()).or_default() += 1;
+            Some(failure) => {
+                let status = moge_telemetry::status_name(failure.code);
+                *errors.entry(status.to_owned()).or_default() += 1;
+                if !error_examples.contains_key(status) {
+                    // Logged once per status code, because the report counts the rest.
+                    progress.suspend(|| {
+                        tracing::warn!(
+                            status,
+                            error = %failure.message,
+                            "call failed; further failures with this status are only counted"
+                        )
+                    });
+                    error_examples.insert(status.to_owned(), failure.message);
+                }
                 progress.set_message(format!("{} errors", errors.values().sum::<usize>()));
             }
         }
@@ -231,23 +304,20 @@ async fn main() -> anyhow::Result<()> {
     // a failed call ends its request, so count the planned requests minus
     // those with a failure.
     let failed_calls: usize = errors.values().sum();
-    let balance = match &args.gateway_http {
-        Some(gateway) => Some(
-            tokio::task::spawn_blocking({
-                let gateway = gateway.clone();
-                move || fetch_balance(&gateway)
-            })
-            .await??,
-        ),
-        None => None,
+    let (balance, balance_error) = match balance_client {
+        Some(client) => match tokio::task::spawn_blocking(move || client.fetch()).await? {
+            Ok(balance) => (Some(balance), None),
+            Err(error) => (None, Some(error)),
+        },
+        None => (None, None),
     };
     let report = Report {
-        target,
+        target: target.clone(),
         loop_mode: if concurrency.is_some() { "closed" } else { "open" }.to_owned(),
         concurrency,
         datatype: args.datatype.kserve_name().to_owned(),
         layers: args.layers,
-        routing: args.routing,
+        routing: args.routing.map(|mode| mode.as_str().to_owned()),
         duration_seconds: duration,
         requests,
         requests_completed: requests - failed_calls,
@@ -264,6 +334,7 @@ async fn main() -> anyhow::Result<()> {
         },
         errors: failed_calls,
         errors_by_status: errors,
+        error_examples,
         balance,
     };
     println!("{}", report.summary());
@@ -271,5 +342,15 @@ async fn main() -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
             .with_context(|| format!("failed to write {}", path.display()))?;
     }
-    Ok(())
+    if let Some(error) = balance_error {
+        return Err(error.context("failed to read the balance report after the run; the report above has none"));
+    }
+    if failed_calls > 0 {
+        eprintln!(
+            "Error: {failed_calls} of {} calls failed against {target}; the first error of each status code is listed above",
+            failed_calls + ok_calls
+        );
+        return Ok(ExitCode::from(EXIT_CALLS_FAILED));
+    }
+    Ok(ExitCode::SUCCESS)
 }

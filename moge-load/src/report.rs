@@ -99,6 +99,9 @@ pub struct Report {
     pub errors: usize,
     /// Failed calls by gRPC status code name.
     pub errors_by_status: BTreeMap<String, usize>,
+    /// The first error message of each status code in `errors_by_status`.
+    #[serde(default)]
+    pub error_examples: BTreeMap<String, String>,
     /// The gateway's balance report after the run, when its HTTP address was given.
     pub balance: Option<BalanceReport>,
 }
@@ -147,7 +150,11 @@ impl Report {
         if self.errors == 0 {
             lines.push("errors: 0".to_owned());
         } else {
-            lines.push(format!("errors: {} {:?}", self.errors, self.errors_by_status));
+            lines.push(format!("errors: {} failed calls", self.errors));
+            for (status, count) in &self.errors_by_status {
+                let example = self.error_examples.get(status).map_or("", String::as_str);
+                lines.push(format!("  {status} ({count} calls), first error: {example}"));
+            }
         }
         if let Some(balance) = &self.balance {
             let rates: Vec<String> = balance
@@ -199,5 +206,30 @@ mod tests {
         };
         assert!(report.summary().contains("errors: 0"));
         assert!(report.summary().contains("closed loop with 4 clients"));
+    }
+
+    #[test]
+    fn summary_lists_first_error_per_status() {
+        let report = Report {
+            errors: 7,
+            errors_by_status: BTreeMap::from([("INVALID_ARGUMENT".to_owned(), 5), ("UNAVAILABLE".to_owned(), 2)]),
+            error_examples: BTreeMap::from([
+                ("INVALID_ARGUMENT".to_owned(), "layer 7 is not hosted".to_owned()),
+                ("UNAVAILABLE".to_owned(), "group 3 has no replica".to_owned()),
+            ]),
+            ..Default::default()
+        };
+
+        let summary = report.summary();
+
+        assert!(summary.contains("errors: 7 failed calls"), "{summary}");
+        assert!(
+            summary.contains("  INVALID_ARGUMENT (5 calls), first error: layer 7 is not hosted"),
+            "{summary}"
+        );
+        assert!(
+            summary.contains("  UNAVAILABLE (2 calls), first error: group 3 has no replica"),
+            "{summary}"
+        );
     }
 }

@@ -6,16 +6,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moge_shared::DType;
-use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use moge_shared::proto::inference::infer_parameter::ParameterChoice;
 use moge_shared::proto::inference::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use moge_shared::proto::inference::{InferParameter, ModelInferRequest};
+use moge_shared::{DType, RoutingMode};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
+use crate::connect::Client;
 use crate::trace::PlannedRequest;
 
 /// Kind of a call.
@@ -27,8 +26,18 @@ pub enum CallKind {
     Decode,
 }
 
+/// Status of a failed call.
+#[derive(Clone, Debug)]
+pub struct CallFailure {
+    /// gRPC status code.
+    pub code: tonic::Code,
+    /// The status message from the gateway, or the reason the response was
+    /// rejected here.
+    pub message: String,
+}
+
 /// One call's outcome.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CallRecord {
     /// Kind of call.
     pub kind: CallKind,
@@ -36,8 +45,8 @@ pub struct CallRecord {
     pub tokens: usize,
     /// Seconds from sending the first layer's request to the last layer's response.
     pub seconds: f64,
-    /// The failure's status code; None on success.
-    pub failure: Option<tonic::Code>,
+    /// The failure, or None on success.
+    pub failure: Option<CallFailure>,
 }
 
 /// How to send the plan.
@@ -48,15 +57,13 @@ pub struct RunOptions {
     /// Layers each call runs through, in order; a layer's output is the next layer's input.
     pub layers: Vec<u32>,
     /// Routing mode sent as the `routing` parameter.
-    pub routing: Option<String>,
+    pub routing: Option<RoutingMode>,
     /// Datatype of the hidden states.
     pub dtype: DType,
     /// Hidden size H.
     pub hidden_size: usize,
     /// Closed loop with this many requests in flight; None keeps arrival times.
     pub concurrency: Option<usize>,
-    /// Largest gRPC message, in bytes.
-    pub max_message_bytes: usize,
     /// Seed of the random hidden states.
     pub seed: u64,
 }
@@ -72,7 +79,7 @@ pub fn input_pool(dtype: DType, tokens: usize, hidden_size: usize, seed: u64) ->
 }
 
 struct Caller {
-    client: GrpcInferenceServiceClient<Channel>,
+    client: Client,
     options: Arc<RunOptions>,
     pool: Bytes,
 }
@@ -96,7 +103,7 @@ impl Caller {
                 parameters.insert(
                     "routing".to_owned(),
                     InferParameter {
-                        parameter_choice: Some(ParameterChoice::StringParam(mode.clone())),
+                        parameter_choice: Some(ParameterChoice::StringParam(mode.as_str().to_owned())),
                     },
                 );
             }
@@ -119,13 +126,23 @@ impl Caller {
             match self.client.model_infer(request).await {
                 Ok(response) => match response.into_inner().raw_output_contents.into_iter().next() {
                     Some(output) if output.len() == hidden.len() => hidden = output,
-                    _ => {
-                        failure = Some(tonic::Code::Internal);
+                    output => {
+                        failure = Some(CallFailure {
+                            code: tonic::Code::Internal,
+                            message: format!(
+                                "layer {layer}: the response has {} bytes of raw output, expected {}",
+                                output.map_or(0, |output| output.len()),
+                                hidden.len()
+                            ),
+                        });
                         break;
                     }
                 },
                 Err(status) => {
-                    failure = Some(status.code());
+                    failure = Some(CallFailure {
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    });
                     break;
                 }
             }
@@ -141,25 +158,27 @@ impl Caller {
     /// Runs a request's prefill, then its decode calls unless the prefill failed.
     async fn request(&mut self, request: PlannedRequest, records: &mpsc::UnboundedSender<CallRecord>) {
         let prefill = self.call(CallKind::Prefill, request.context_tokens).await;
+        let failed = prefill.failure.is_some();
         let _ = records.send(prefill);
-        if prefill.failure.is_some() {
+        if failed {
             return;
         }
         for _ in 0..request.decode_steps {
             let decode = self.call(CallKind::Decode, 1).await;
+            let failed = decode.failure.is_some();
             let _ = records.send(decode);
-            if decode.failure.is_some() {
+            if failed {
                 return;
             }
         }
     }
 }
 
-/// Runs `plan` on `channels` (calls spread over them in turn) and sends
+/// Runs `plan` on `clients` (calls spread over them in turn) and sends
 /// every call's record to `records`. Returns the wall time of the run.
 pub async fn run(
     plan: Vec<PlannedRequest>,
-    channels: Vec<Channel>,
+    clients: Vec<Client>,
     options: RunOptions,
     records: mpsc::UnboundedSender<CallRecord>,
 ) -> Duration {
@@ -167,9 +186,7 @@ pub async fn run(
     let pool = input_pool(options.dtype, largest, options.hidden_size, options.seed);
     let options = Arc::new(options);
     let caller = |index: usize| Caller {
-        client: GrpcInferenceServiceClient::new(channels[index % channels.len()].clone())
-            .max_decoding_message_size(options.max_message_bytes)
-            .max_encoding_message_size(options.max_message_bytes),
+        client: clients[index % clients.len()].clone(),
         options: Arc::clone(&options),
         pool: pool.clone(),
     };
@@ -179,7 +196,7 @@ pub async fn run(
         Some(concurrency) => {
             let plan = Arc::new(plan);
             let next = Arc::new(AtomicUsize::new(0));
-            for worker in 0..concurrency.max(1) {
+            for worker in 0..concurrency {
                 let (plan, next, records) = (Arc::clone(&plan), Arc::clone(&next), records.clone());
                 let mut caller = caller(worker);
                 tasks.spawn(async move {

@@ -1,25 +1,38 @@
 //! `moge-load` against a running embedded gateway: a trace replay and a
-//! closed loop, checked against the plan and the gateway's balance report.
+//! closed loop, checked against the plan and the gateway's balance report,
+//! a run with failed calls and arguments rejected at parse time.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use moge_tests::{ServiceProcess, binary, start_embedded_gateway};
 
-fn run_load(args: &[&str]) -> serde_json::Value {
+/// Runs `moge-load` with a JSON report and returns its output and the report.
+fn run_load_output(args: &[&str]) -> (Output, serde_json::Value) {
     let report = tempfile::NamedTempFile::new().unwrap();
     let output = Command::new(binary("moge-load"))
         .args(args)
         .args(["--json", report.path().to_str().unwrap()])
         .output()
         .expect("moge-load starts");
+    let text = std::fs::read_to_string(report.path()).unwrap();
+    let report = serde_json::from_str(&text).unwrap_or_else(|error| {
+        panic!(
+            "no JSON report ({error}); moge-load stderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output, report)
+}
+
+fn run_load(args: &[&str]) -> serde_json::Value {
+    let (output, report) = run_load_output(args);
     assert!(
         output.status.success(),
         "moge-load failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let text = std::fs::read_to_string(report.path()).unwrap();
-    serde_json::from_str(&text).unwrap()
+    report
 }
 
 /// Starts the embedded gateway; returns it with its gRPC and HTTP addresses.
@@ -123,7 +136,7 @@ fn errors_are_counted_by_status() {
     let (_gateway, grpc, _) = start_gateway(cache.path());
 
     // Layer 7 is not hosted: every call fails with INVALID_ARGUMENT.
-    let report = run_load(&[
+    let (output, report) = run_load_output(&[
         "--target",
         &grpc,
         "--requests",
@@ -134,7 +147,46 @@ fn errors_are_counted_by_status() {
         "7",
     ]);
 
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(3), "{stderr}");
     assert_eq!(report["errors"], 5);
     assert_eq!(report["errors_by_status"]["INVALID_ARGUMENT"], 5);
     assert_eq!(report["requests_completed"], 0);
+    let example = report["error_examples"]["INVALID_ARGUMENT"].as_str().unwrap();
+    assert!(example.contains('7'), "the example does not name layer 7: {example}");
+    assert!(
+        stdout.contains(&format!("INVALID_ARGUMENT (5 calls), first error: {example}")),
+        "{stdout}"
+    );
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("5 of 5 calls failed"), "{stderr}");
+}
+
+#[test]
+fn invalid_arguments_name_the_flag() {
+    let cases = [
+        (["--concurrency", "0"], "expected an integer of at least 1"),
+        (["--connections", "0"], "expected an integer of at least 1"),
+        (["--tokens", "0"], "expected an integer of at least 1"),
+        (
+            ["--routing", "group-limited-top-k"],
+            "expected moge, top-k or group-limited",
+        ),
+        (["--time-scale", "NaN"], "expected a finite number of at least 0"),
+        (["--gateway-http", "ftp://127.0.0.1:8000"], "expected HOST:PORT"),
+    ];
+    for (args, expected) in cases {
+        // No gateway listens on port 9: a run that got past parsing fails differently.
+        let output = Command::new(binary("moge-load"))
+            .args(["--target", "127.0.0.1:9"])
+            .args(args)
+            .output()
+            .expect("moge-load starts");
+
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(args[0]), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
 }
