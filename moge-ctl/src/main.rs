@@ -143,7 +143,11 @@ fn print(text: &str) -> anyhow::Result<bool> {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    moge_telemetry::exit::exit_status(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let Command::Balance {
         gateway,
         json,

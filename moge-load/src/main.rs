@@ -173,7 +173,14 @@ fn metadata_error(model: &str, target: &str, status: &tonic::Status, has_token: 
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<ExitCode> {
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(code) => code,
+        Err(error) => moge_telemetry::exit::exit_status(Err::<(), _>(error)),
+    }
+}
+
+async fn run() -> anyhow::Result<ExitCode> {
     moge_telemetry::init_logging();
     let args = Args::parse();
     let security = ClientSecurity::load(&args.client)?;
@@ -347,7 +354,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     if failed_calls > 0 {
         eprintln!(
-            "Error: {failed_calls} of {} calls failed against {target}; the first error of each status code is listed above",
+            "error: {failed_calls} of {} calls failed against {target}; the first error of each status code is listed above",
             failed_calls + ok_calls
         );
         return Ok(ExitCode::from(EXIT_CALLS_FAILED));
