@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests: paths of the workspace's binaries,
 //! service processes, the split deployment and KServe requests.
 
+pub mod pki;
+
 use std::path::PathBuf;
 
 /// Path of a binary built by this workspace in the same profile as the tests.

@@ -2,65 +2,20 @@
 //! requires a bearer token, TLS or client certificates (mTLS), on loopback.
 //! Certificates are generated per test run.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use moge_tests::pki::{Pki, TOKEN};
 use moge_tests::{ServiceProcess, binary, start_embedded_gateway};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 
-const TOKEN: &str = "client-token-5c81e0";
-
-/// A CA, a server certificate for `localhost` and `127.0.0.1`, a client
-/// certificate and the token file, in one temporary folder.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn generate() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, contents: &str| std::fs::write(dir.path().join(name), contents).unwrap();
-
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "moge client test CA");
-        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        write("ca.pem", &ca.pem());
-
-        let server_key = KeyPair::generate().unwrap();
-        let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        write("server.pem", &server.signed_by(&server_key, &ca).unwrap().pem());
-        write("server-key.pem", &server_key.serialize_pem());
-
-        let client_key = KeyPair::generate().unwrap();
-        let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
-        client.distinguished_name.push(DnType::CommonName, "moge-load");
-        client.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        write("client.pem", &client.signed_by(&client_key, &ca).unwrap().pem());
-        write("client-key.pem", &client_key.serialize_pem());
-
-        // The gateway accepts only line breaks after the token. The
-        // clients' copy also has leading whitespace, which they trim.
-        write("token", &format!("{TOKEN}\n"));
-        write("client-token", &format!("  {TOKEN} \t\n\n"));
-        write("wrong-token", "not-the-token\n");
-        Pki { dir }
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
+/// Writes the test certificates and token files. The gateway accepts only
+/// line breaks after the token; the clients' copy also has leading
+/// whitespace, which they trim.
+fn pki() -> Pki {
+    let pki = Pki::generate();
+    pki.write("client-token", &format!("  {TOKEN} \t\n\n"));
+    pki.write("wrong-token", "not-the-token\n");
+    pki
 }
 
 /// Starts the embedded gateway with `args` and returns it with its gRPC and
@@ -106,7 +61,7 @@ fn text(output: &Output) -> String {
 
 #[test]
 fn load_sends_bearer_token() {
-    let pki = Pki::generate();
+    let pki = pki();
     let cache = tempfile::tempdir().unwrap();
     let (_gateway, grpc, http) = start_gateway(cache.path(), &owned(&["--auth-token-file", &pki.arg("token")]));
     let load = |extra: &[&str]| {
@@ -155,7 +110,7 @@ fn load_sends_bearer_token() {
 
 #[test]
 fn load_rejects_empty_token_file() {
-    let pki = Pki::generate();
+    let pki = pki();
     std::fs::write(pki.path("empty"), " \n").unwrap();
 
     let output = run("moge-load", &owned(&["--auth-token-file", &pki.arg("empty")]));
@@ -168,7 +123,7 @@ fn load_rejects_empty_token_file() {
 
 #[test]
 fn load_over_tls_with_ca_file() {
-    let pki = Pki::generate();
+    let pki = pki();
     let cache = tempfile::tempdir().unwrap();
     let tls = owned(&[
         "--tls-cert-file",
@@ -213,7 +168,7 @@ fn load_over_tls_with_ca_file() {
 
 #[test]
 fn both_tools_over_mtls_with_token() {
-    let pki = Pki::generate();
+    let pki = pki();
     let cache = tempfile::tempdir().unwrap();
     let server = owned(&[
         "--tls-cert-file",
@@ -270,7 +225,7 @@ fn both_tools_over_mtls_with_token() {
 
 #[test]
 fn ctl_balance_sends_bearer_token() {
-    let pki = Pki::generate();
+    let pki = pki();
     let cache = tempfile::tempdir().unwrap();
     let (_gateway, _, http) = start_gateway(cache.path(), &owned(&["--auth-token-file", &pki.arg("token")]));
 

@@ -5,7 +5,7 @@
 //! generated per test run.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,13 +15,10 @@ use moge_shared::proto::inference::grpc_inference_service_client::GrpcInferenceS
 use moge_shared::proto::inference::{ModelMetadataRequest, ServerLiveRequest};
 use moge_shared::weights::WeightFormat;
 use moge_shared::{DType, RoutingOptions};
+use moge_tests::pki::{Pki, TOKEN};
 use moge_tests::{
     START_TIMEOUT, ServiceProcess, StackArgs, binary, generate_small, hidden_states, infer_request,
     start_embedded_gateway, start_stack_with, wait_ready,
-};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -31,69 +28,17 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 /// Bound of every single call a test makes.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-const TOKEN: &str = "test-token-7f3a9c";
 
-/// Files of one test's public key infrastructure.
-struct Pki {
-    dir: tempfile::TempDir,
+/// TLS settings of the test clients, from the files of a [`Pki`].
+trait ClientTls {
+    /// Returns tonic client TLS trusting the test CA, presenting `identity`
+    /// (certificate and key file names) when given.
+    fn grpc_tls(&self, identity: Option<(&str, &str)>) -> ClientTlsConfig;
+    /// Returns a rustls client configuration for HTTPS, trusting the test CA.
+    fn https_config(&self, identity: Option<(&str, &str)>) -> Arc<ClientConfig>;
 }
 
-impl Pki {
-    /// Writes a CA, a server certificate for `localhost` and `127.0.0.1`
-    /// signed by it, a client certificate signed by it, and a client
-    /// certificate of an unrelated second CA.
-    fn generate() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, contents: &str| std::fs::write(dir.path().join(name), contents).unwrap();
-
-        let ca = certificate_authority("moge test CA");
-        write("ca.pem", &ca.pem());
-        let server_key = KeyPair::generate().unwrap();
-        let mut server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        write("server.pem", &server.signed_by(&server_key, &ca).unwrap().pem());
-        write("server-key.pem", &server_key.serialize_pem());
-        let (client, client_key) = client_certificate(&ca, "moge-gateway");
-        write("client.pem", &client);
-        write("client-key.pem", &client_key);
-
-        let other_ca = certificate_authority("unrelated CA");
-        write("other-ca.pem", &other_ca.pem());
-        let (other, other_key) = client_certificate(&other_ca, "intruder");
-        write("other-client.pem", &other);
-        write("other-client-key.pem", &other_key);
-        write("token", &format!("{TOKEN}\n"));
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn arg(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-
-    fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(name)).unwrap()
-    }
-
-    /// Server flags of TLS with the server certificate, plus mTLS when `mtls`.
-    fn server_args(&self, mtls: bool) -> Vec<String> {
-        let mut args = vec![
-            "--tls-cert-file".to_owned(),
-            self.arg("server.pem"),
-            "--tls-key-file".to_owned(),
-            self.arg("server-key.pem"),
-        ];
-        if mtls {
-            args.extend(["--tls-client-ca-file".to_owned(), self.arg("ca.pem")]);
-        }
-        args
-    }
-
-    /// tonic client TLS trusting the test CA, presenting `identity`
-    /// (certificate and key file names) when given.
+impl ClientTls for Pki {
     fn grpc_tls(&self, identity: Option<(&str, &str)>) -> ClientTlsConfig {
         let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(self.read("ca.pem")));
         match identity {
@@ -102,7 +47,6 @@ impl Pki {
         }
     }
 
-    /// rustls client configuration for HTTPS, trusting the test CA.
     fn https_config(&self, identity: Option<(&str, &str)>) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         for certificate in CertificateDer::pem_file_iter(self.path("ca.pem")).unwrap() {
@@ -126,23 +70,6 @@ impl Pki {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Arc::new(config)
     }
-}
-
-fn certificate_authority(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-/// Issues a client certificate signed by `ca`; returns it and its key as PEM.
-fn client_certificate(ca: &CertifiedIssuer<'static, KeyPair>, name: &str) -> (String, String) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    (params.signed_by(&key, ca).unwrap().pem(), key.serialize_pem())
 }
 
 /// Connects and calls `grpc.health.v1.Health/Check` on the whole server;
