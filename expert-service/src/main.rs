@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
 use moge_shared::service::serve_grpc;
 use moge_shared::settings::{ModelArgs, ServerArgs};
@@ -15,6 +15,7 @@ use moge_expert::{ExpertOptions, ExpertService, Hosted, routes};
 
 #[derive(Parser)]
 #[command(version, about = "Host one MoGE expert group, or the shared expert, over gRPC")]
+#[command(group(clap::ArgGroup::new("hosted").required(true).args(["group", "shared_expert"])))]
 struct Args {
     /// TOML file of settings: each key is a flag's name (`grpc_port = 9001`).
     /// Flags and MOGE_ environment variables override it.
@@ -22,13 +23,8 @@ struct Args {
     config: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// Expert group to host, 0..M.
-    #[arg(
-        long,
-        env = "MOGE_GROUP",
-        conflicts_with = "shared_expert",
-        required_unless_present = "shared_expert"
-    )]
+    /// Expert group to host, 0 to M - 1; either this or --shared-expert.
+    #[arg(long, env = "MOGE_GROUP")]
     group: Option<usize>,
     /// Host the shared expert instead of a group.
     #[arg(long, env = "MOGE_SHARED_EXPERT")]
@@ -62,7 +58,17 @@ async fn run() -> anyhow::Result<()> {
     let replica = args.server.replica_name(listener.local_addr()?);
     let (checkpoint, layers) = args.model.open()?;
     let hosted = match args.group {
-        Some(group) => Hosted::Group(group),
+        Some(group) => {
+            let groups = checkpoint.config().num_groups();
+            if group >= groups {
+                bail!(
+                    "--group {group} is out of range: checkpoint {} has {groups} groups, expected 0 to {}",
+                    args.model.checkpoint.display(),
+                    groups - 1
+                );
+            }
+            Hosted::Group(group)
+        }
         None => Hosted::SharedExpert,
     };
     let pool = std::sync::Arc::new(

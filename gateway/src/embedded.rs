@@ -62,8 +62,12 @@ impl Embedded {
         max_message_bytes: usize,
         drain_timeout: Duration,
     ) -> anyhow::Result<Embedded> {
-        let checkpoint = Checkpoint::open(checkpoint_dir)
-            .with_context(|| format!("failed to open checkpoint {}", checkpoint_dir.display()))?;
+        let checkpoint = Checkpoint::open(checkpoint_dir).with_context(|| {
+            format!(
+                "--checkpoint {}: failed to open the checkpoint",
+                checkpoint_dir.display()
+            )
+        })?;
         let layers = checkpoint.layers();
         let (stop, stopped) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -83,6 +83,17 @@ pub struct Identity {
     pub group: Option<u32>,
 }
 
+impl Identity {
+    /// Returns the gateway flag that lists the addresses of this role.
+    pub fn flag(&self) -> &'static str {
+        match self.role {
+            Role::Router => "--router",
+            Role::SharedExpert => "--shared-expert",
+            _ => "--group",
+        }
+    }
+}
+
 /// The replicas of one upstream service, tried in turn.
 pub struct Pool {
     /// Name for logs and errors: `router`, `group 3` or `shared expert`.
@@ -114,8 +125,10 @@ fn with_scheme(address: &str, tls: bool) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum AddressError {
     /// The address is not a valid URI.
-    #[error("{name}: invalid upstream address {url:?}: {source}")]
+    #[error("{flag} ({name}): invalid upstream address {url:?}: {source}")]
     Invalid {
+        /// The flag that lists the address.
+        flag: &'static str,
         /// Pool name.
         name: String,
         /// The address.
@@ -125,9 +138,12 @@ pub enum AddressError {
     },
     /// The address has a scheme other than `http` or `https`.
     #[error(
-        "{name}: upstream address {url:?} has an unsupported scheme, expected HOST:PORT, http://HOST:PORT or https://HOST:PORT"
+        "{flag} ({name}): upstream address {url:?} has an unsupported scheme, expected HOST:PORT, http://HOST:PORT or \
+         https://HOST:PORT"
     )]
     Scheme {
+        /// The flag that lists the address.
+        flag: &'static str,
         /// Pool name.
         name: String,
         /// The address.
@@ -154,11 +170,13 @@ impl Pool {
             .map(|url| {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(AddressError::Scheme {
+                        flag: identity.flag(),
                         name: name.clone(),
                         url,
                     });
                 }
                 let endpoint = Endpoint::from_shared(url.clone()).map_err(|source| AddressError::Invalid {
+                    flag: identity.flag(),
                     name: name.clone(),
                     url: url.clone(),
                     source,
@@ -505,7 +523,20 @@ impl Pool {
         F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let mut last = "no replica has passed a health check, or every replica is ejected".to_owned();
+        // Until a call fails, the last failed health check is the best cause.
+        let mut last = self
+            .replicas
+            .iter()
+            .find_map(|replica| {
+                let error = replica
+                    .probe_error
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                error
+                    .as_ref()
+                    .map(|error| format!("{}: health check failed: {error}", replica.url))
+            })
+            .unwrap_or_else(|| "no replica has passed a health check, or every replica is ejected".to_owned());
         let mut attempts = 0;
         let deadline_error = |attempts| CallError::DeadlineExceeded {
             upstream: self.name.clone(),
@@ -627,6 +658,7 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("\"grpc://127.0.0.1:9001\""), "{message}");
         assert!(message.contains("expected HOST:PORT"), "{message}");
+        assert!(message.starts_with("--router (router)"), "{message}");
     }
 
     #[tokio::test]

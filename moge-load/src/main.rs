@@ -165,11 +165,23 @@ fn metadata_error(model: &str, target: &str, status: &tonic::Status, has_token: 
         (tonic::Code::Unauthenticated, true) => "; check that --auth-token-file contains the gateway's token",
         _ => "",
     };
-    anyhow::anyhow!(
+    let mut message = format!(
         "failed to read the metadata of model {model:?} from {target}: {}: {}{hint}",
         moge_telemetry::status_name(status.code()),
         status.message()
-    )
+    );
+    // A transport failure, such as a TLS handshake the gateway refused,
+    // keeps its cause in the status's source chain, not in its message.
+    let mut cause = std::error::Error::source(status);
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = error.source();
+    }
+    anyhow::anyhow!(message)
 }
 
 #[tokio::main]

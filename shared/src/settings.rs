@@ -36,7 +36,7 @@ pub struct ModelArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// The checkpoint could not be opened.
-    #[error("failed to open checkpoint {dir}: {source}")]
+    #[error("--checkpoint {dir}: failed to open the checkpoint: {source}")]
     Open {
         /// The directory.
         dir: String,
@@ -158,7 +158,7 @@ impl ServerArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     /// The file is missing or not valid TOML.
-    #[error("failed to read configuration file {path}: {source}")]
+    #[error("--config {path}: failed to read the configuration file: {source}")]
     Read {
         /// The file.
         path: String,

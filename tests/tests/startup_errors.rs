@@ -93,13 +93,31 @@ fn bad_settings_stop_services_with_named_flag() {
             "moge-gateway",
             [&["--grpc-port", "0", "--http-port", "0"], &upstreams[..]].concat(),
             1,
-            vec!["router: upstream address \"grpc://127.0.0.1:1\" has an unsupported scheme"],
+            vec!["--router (router): upstream address \"grpc://127.0.0.1:1\" has an unsupported scheme"],
         ),
         (
             "moge-gateway",
             [&["--grpc-port", "0", "--http-port", &busy_port], &upstreams[..]].concat(),
             1,
             vec!["--http-port: failed to listen"],
+        ),
+        (
+            "moge-expert",
+            vec!["--checkpoint", &ckpt, "--grpc-port", "0", "--group", "9"],
+            1,
+            vec!["--group 9 is out of range", "has 8 groups, expected 0 to 7"],
+        ),
+        (
+            "moge-expert",
+            vec!["--checkpoint", &ckpt, "--grpc-port", "0"],
+            2,
+            vec!["--group <GROUP>|--shared-expert"],
+        ),
+        (
+            "moge-router",
+            vec!["--config", "/nonexistent/router.toml"],
+            2,
+            vec!["--config /nonexistent/router.toml: failed to read the configuration file"],
         ),
         (
             "moge-ckpt",
@@ -135,7 +153,7 @@ fn missing_checkpoint_cause_is_printed_once() {
     );
     assert_eq!(exit, Some(1), "{stderr}");
     assert!(
-        stderr.contains("error: failed to open checkpoint /nonexistent/checkpoint"),
+        stderr.contains("error: --checkpoint /nonexistent/checkpoint: failed to open the checkpoint"),
         "{stderr}"
     );
     assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
