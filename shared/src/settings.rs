@@ -220,12 +220,17 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(
     args: Vec<OsString>,
 ) -> Result<Result<T, clap::Error>, SettingsError> {
     let command = T::command();
+    let finish = |all: Vec<OsString>, file: Option<(&Path, &BTreeMap<String, config::Value>)>| {
+        command
+            .clone()
+            .try_get_matches_from(all)
+            .and_then(|matches| T::from_arg_matches(&matches))
+            .map_err(|error| with_value_source(error, &command, &args, file))
+    };
     // A first pass only finds the file and what the command line and the
     // environment set; required flags may still come from the file.
     let Ok(matches) = command.clone().ignore_errors(true).try_get_matches_from(&args) else {
-        return Ok(command
-            .try_get_matches_from(args)
-            .and_then(|matches| T::from_arg_matches(&matches)));
+        return Ok(finish(args.clone(), None));
     };
     let Some(path) = matches
         .try_get_one::<std::path::PathBuf>(CONFIG_ARG)
@@ -233,9 +238,7 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(
         .flatten()
         .cloned()
     else {
-        return Ok(command
-            .try_get_matches_from(args)
-            .and_then(|matches| T::from_arg_matches(&matches)));
+        return Ok(finish(args.clone(), None));
     };
     let path = path.as_path();
     let file = read(path)?;
@@ -290,11 +293,71 @@ pub fn parse_from<T: CommandFactory + FromArgMatches>(
             known,
         });
     }
-    let mut all = args;
+    let mut all = args.clone();
     all.extend(extra);
-    Ok(command
-        .try_get_matches_from(all)
-        .and_then(|matches| T::from_arg_matches(&matches)))
+    Ok(finish(all, Some((path, &file))))
+}
+
+/// Adds to clap's error about a bad value a tip saying where the value came
+/// from when it was not the command line: a key of the configuration file
+/// or an environment variable. clap names only the flag.
+fn with_value_source(
+    mut error: clap::Error,
+    command: &clap::Command,
+    args: &[OsString],
+    file: Option<(&Path, &BTreeMap<String, config::Value>)>,
+) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+
+    if !matches!(error.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+        return error;
+    }
+    let Some(ContextValue::String(invalid)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let Some(long) = invalid
+        .split_whitespace()
+        .next()
+        .and_then(|flag| flag.strip_prefix("--"))
+    else {
+        return error;
+    };
+    let Some(arg) = command.get_arguments().find(|arg| arg.get_long() == Some(long)) else {
+        return error;
+    };
+    let flag = format!("--{long}");
+    let on_command_line = args.iter().skip(1).any(|given| {
+        let given = given.to_string_lossy();
+        given == flag || given.starts_with(&format!("{flag}="))
+    });
+    if on_command_line {
+        return error;
+    }
+    let key = long.replace('-', "_");
+    let from_file = file.and_then(|(path, keys)| {
+        [key.clone(), long.to_owned()]
+            .into_iter()
+            .find(|name| keys.contains_key(name))
+            .map(|name| {
+                format!(
+                    "the value comes from key `{name}` of the configuration file {}",
+                    path.display()
+                )
+            })
+    });
+    let from_env = arg
+        .get_env()
+        .filter(|name| std::env::var_os(name).is_some())
+        .map(|name| {
+            format!(
+                "the value comes from the environment variable {}",
+                name.to_string_lossy()
+            )
+        });
+    if let Some(tip) = from_env.or(from_file) {
+        error.insert(ContextKind::Suggested, ContextValue::StyledStrs(vec![tip.into()]));
+    }
+    error
 }
 
 fn read(path: &Path) -> Result<BTreeMap<String, config::Value>, SettingsError> {
@@ -408,6 +471,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--grpc-port"), "{error}");
+    }
+
+    #[test]
+    fn bad_file_value_names_the_key_and_file() {
+        let error = parse_with("grpc_port = \"high\"\n", &[])
+            .unwrap()
+            .unwrap_err()
+            .render()
+            .to_string();
+        assert!(error.contains("key `grpc_port` of the configuration file"), "{error}");
+        assert!(error.contains("moge.toml"), "{error}");
+    }
+
+    #[test]
+    fn bad_flag_value_has_no_source_tip() {
+        let error = parse_with("", &["--grpc-port", "high"])
+            .unwrap()
+            .unwrap_err()
+            .render()
+            .to_string();
+        assert!(error.contains("--grpc-port"), "{error}");
+        assert!(!error.contains("the value comes from"), "{error}");
     }
 
     #[test]

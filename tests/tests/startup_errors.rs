@@ -158,3 +158,22 @@ fn missing_checkpoint_cause_is_printed_once() {
     );
     assert_eq!(stderr.matches("No such file or directory").count(), 1, "{stderr}");
 }
+
+#[test]
+fn bad_value_names_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("router.toml");
+    std::fs::write(&config, "routing = \"fast\"\n").unwrap();
+    let (exit, stderr) = run("moge-router", &["--config", config.to_str().unwrap()]);
+    assert_eq!(exit, Some(2), "{stderr}");
+    assert!(stderr.contains("--routing"), "{stderr}");
+    assert!(stderr.contains("key `routing` of the configuration file"), "{stderr}");
+
+    let output = Command::new(binary("moge-gateway"))
+        .env("MOGE_MAX_BATCH_TOKENS", "0")
+        .output()
+        .expect("the binary starts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("environment variable MOGE_MAX_BATCH_TOKENS"), "{stderr}");
+}
