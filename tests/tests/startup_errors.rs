@@ -175,5 +175,8 @@ fn bad_value_names_its_source() {
         .expect("the binary starts");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("environment variable MOGE_MAX_BATCH_TOKENS"), "{stderr}");
+    assert!(
+        stderr.contains("environment variable MOGE_MAX_BATCH_TOKENS"),
+        "{stderr}"
+    );
 }
