@@ -240,6 +240,24 @@ impl Pool {
         self.replicas.iter().any(Replica::is_ready)
     }
 
+    /// Describes why no replica was tried: the first replica's last failed
+    /// health check, which names the real cause (a TLS mismatch, a closed
+    /// port), or else that every replica is unverified or ejected.
+    fn probe_failure(&self) -> String {
+        self.replicas
+            .iter()
+            .find_map(|replica| {
+                let error = replica
+                    .probe_error
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                error
+                    .as_ref()
+                    .map(|error| format!("{}: health check failed: {error}", replica.url))
+            })
+            .unwrap_or_else(|| "no replica has passed a health check, or every replica is ejected".to_owned())
+    }
+
     /// Returns how many calls moved to another replica since start.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
@@ -523,20 +541,7 @@ impl Pool {
         F: Fn(Attempt) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        // Until a call fails, the last failed health check is the best cause.
-        let mut last = self
-            .replicas
-            .iter()
-            .find_map(|replica| {
-                let error = replica
-                    .probe_error
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
-                error
-                    .as_ref()
-                    .map(|error| format!("{}: health check failed: {error}", replica.url))
-            })
-            .unwrap_or_else(|| "no replica has passed a health check, or every replica is ejected".to_owned());
+        let mut last = None;
         let mut attempts = 0;
         let deadline_error = |attempts| CallError::DeadlineExceeded {
             upstream: self.name.clone(),
@@ -585,7 +590,7 @@ impl Pool {
                 }
                 Err(status) if is_retryable(status.code()) => {
                     self.eject(replica, &status);
-                    last = format!("{}: {}", replica.url, status.message());
+                    last = Some(format!("{}: {}", replica.url, status.message()));
                 }
                 Err(status) => {
                     return Err(CallError::Rejected {
@@ -597,7 +602,7 @@ impl Pool {
         }
         Err(CallError::Unavailable {
             upstream: self.name.clone(),
-            last,
+            last: last.unwrap_or_else(|| self.probe_failure()),
         })
     }
 }
