@@ -172,14 +172,9 @@ fn metadata_error(model: &str, target: &str, status: &tonic::Status, has_token: 
     );
     // A transport failure, such as a TLS handshake the gateway refused,
     // keeps its cause in the status's source chain, not in its message.
-    let mut cause = std::error::Error::source(status);
-    while let Some(error) = cause {
-        let text = error.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = error.source();
+    for cause in moge_telemetry::exit::distinct_causes(status.message(), std::error::Error::source(status)) {
+        message.push_str(": ");
+        message.push_str(&cause);
     }
     anyhow::anyhow!(message)
 }

@@ -4,23 +4,31 @@ use std::error::Error;
 use std::process::ExitCode;
 
 /// Formats `error` and its causes for a person: the message on the first
-/// line, then each cause on a line of its own. A cause whose text the
-/// line before already contains is left out, because many errors embed
-/// their source in their message.
+/// line, then each cause of [`distinct_causes`] on a line of its own.
 pub fn error_report(error: &dyn Error) -> String {
     let mut report = format!("error: {error}");
-    let mut previous = error.to_string();
-    let mut cause = error.source();
+    for cause in distinct_causes(&error.to_string(), error.source()) {
+        report.push_str("\n  caused by: ");
+        report.push_str(&cause);
+    }
+    report
+}
+
+/// Returns the texts of `cause` and its own causes, in order, leaving out
+/// each text that the one before (starting with `message`) already
+/// contains, because many errors embed their source in their message.
+pub fn distinct_causes(message: &str, mut cause: Option<&dyn Error>) -> Vec<String> {
+    let mut texts = Vec::new();
+    let mut previous = message.to_owned();
     while let Some(current) = cause {
         let text = current.to_string();
         if !previous.contains(&text) {
-            report.push_str("\n  caused by: ");
-            report.push_str(&text);
+            texts.push(text.clone());
         }
         previous = text;
         cause = current.source();
     }
-    report
+    texts
 }
 
 /// Turns the result of a program's main work into its exit status: 0 on
