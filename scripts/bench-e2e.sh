@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Measures the whole serving path side by side in one run: the layer in
-# process, the embedded stack, the services as separate processes, Triton's
-# perf_analyzer, and a KServe Python model server with PyTorch on the same
-# checkpoint; telemetry on and off; MoGE against top-K with every group
-# capped to an equal CPU share. Prints Markdown for docs/benchmarks.md and
+# Measures the whole serving path side by side in one run. The parts are the
+# layer in process, the embedded stack, the services as separate processes,
+# Triton's perf_analyzer, and a KServe Python model server with PyTorch on
+# the same checkpoint. It also compares telemetry on and off, and MoGE
+# against top-K with every group capped to an equal CPU share. Prints Markdown for docs/benchmarks.md and
 # keeps the raw JSON and logs in .cache/bench/e2e.
 #
 # Usage: scripts/bench-e2e.sh [--decode-requests N] [--prefill-requests N] [--group-cpu-share F]

@@ -15,7 +15,7 @@ const TOKEN_BUCKETS: [f64; 14] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 
-/// What one `Compute` call did.
+/// Measurements of one `Compute` call.
 pub struct ComputeRecord<'a> {
     pub layer: usize,
     pub tokens: usize,

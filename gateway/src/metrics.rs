@@ -19,7 +19,7 @@ const TOKEN_BUCKETS: [f64; 14] = [
 /// Bucket bounds of requests per batch.
 const REQUEST_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
-/// What one batch did, for metrics and the balance report.
+/// Measurements of one batch, for metrics and the balance report.
 pub struct BatchStats {
     /// Layer index.
     pub layer: u32,
@@ -203,7 +203,7 @@ impl GatewayMetrics {
         }
     }
 
-    /// Records one answered request.
+    /// Records one completed request, successful or not.
     pub fn record_request(&self, protocol: &'static str, status: tonic::Code, seconds: f64) {
         let status = moge_telemetry::status_name(status);
         self.requests.add(

@@ -364,7 +364,8 @@ impl<'a> InOrderSum<'a> {
     }
 }
 
-/// The client span of one expert call: a group's, or the shared expert's.
+/// Creates the client span of one expert call: a group's, or the shared
+/// expert's.
 fn compute_span(group: Option<usize>, rows: usize) -> tracing::Span {
     let group = group.map_or_else(|| SHARED_GROUP.to_owned(), |group| group.to_string());
     tracing::debug_span!(

@@ -314,9 +314,9 @@ async fn run() -> anyhow::Result<ExitCode> {
     let duration = runner.await.context("the load task failed")?.as_secs_f64();
     progress.finish_and_clear();
 
-    // A request completed when its prefill and all its decodes succeeded;
-    // a failed call ends its request, so count the planned requests minus
-    // those with a failure.
+    // A request completed when its prefill and all its decodes succeeded.
+    // A failed call ends its request, so the completed requests are the
+    // planned ones minus those with a failure.
     let failed_calls: usize = errors.values().sum();
     let (balance, balance_error) = match balance_client {
         Some(client) => match tokio::task::spawn_blocking(move || client.fetch()).await? {

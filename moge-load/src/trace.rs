@@ -15,7 +15,7 @@ pub struct PlannedRequest {
     pub decode_steps: usize,
 }
 
-/// How a trace becomes a plan.
+/// Settings that turn a trace into a plan.
 #[derive(Clone, Copy, Debug)]
 pub struct TraceOptions {
     /// Keep requests whose arrival, in trace seconds from the first
@@ -57,7 +57,7 @@ pub enum TraceError {
         path: String,
         /// 1-based line number.
         line: usize,
-        /// What is wrong.
+        /// Description of the problem.
         message: String,
     },
 }
@@ -102,6 +102,7 @@ pub fn read_trace(path: &Path, options: &TraceOptions) -> Result<Vec<PlannedRequ
             found: header.to_owned(),
         });
     }
+
     let mut rows = Vec::new();
     for (index, line) in lines.enumerate() {
         if line.trim().is_empty() {
@@ -132,6 +133,7 @@ pub fn read_trace(path: &Path, options: &TraceOptions) -> Result<Vec<PlannedRequ
         })?;
         rows.push((time, context, generated));
     }
+
     rows.sort_by(|a, b| a.0.total_cmp(&b.0));
     let first = rows.first().map_or(0.0, |row| row.0);
     let (start, end) = options.window;
@@ -148,8 +150,8 @@ pub fn read_trace(path: &Path, options: &TraceOptions) -> Result<Vec<PlannedRequ
         .collect())
 }
 
-/// A plan of `requests` requests of `tokens` tokens and `decode_steps`
-/// decode calls each, all due at the start.
+/// Returns a plan of `requests` requests of `tokens` tokens and
+/// `decode_steps` decode calls each, all due at the start.
 pub fn synthetic(requests: usize, tokens: usize, decode_steps: usize) -> Vec<PlannedRequest> {
     vec![
         PlannedRequest {
@@ -235,7 +237,8 @@ mod tests {
         );
         let line = write("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00.0,x,1\n");
         let error = read_trace(line.path(), &options()).unwrap_err().to_string();
-        assert!(error.contains("line 2") && error.contains("ContextTokens"), "{error}");
+        assert!(error.contains("line 2"), "{error}");
+        assert!(error.contains("ContextTokens"), "{error}");
     }
 
     #[test]

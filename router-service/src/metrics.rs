@@ -5,7 +5,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, ObservableGauge};
 
 /// Bucket bounds of the imbalance score histogram. MoGE scores exactly 0,
-/// so the first bucket holds every MoGE batch.
+/// so the first bucket contains every MoGE batch.
 const IMBALANCE_BUCKETS: [f64; 12] = [0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 4.0];
 
 /// Bucket bounds of batch sizes, in tokens.

@@ -142,7 +142,7 @@ pub async fn serve_grpc_until(
     serve(listener, routes, options, shutdown).await
 }
 
-/// How [`serve`] runs a server besides its routes.
+/// Settings of [`serve`] besides the routes.
 struct Options<'a> {
     drain_timeout: std::time::Duration,
     service_name: &'a str,

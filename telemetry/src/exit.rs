@@ -1,4 +1,4 @@
-//! How a program reports the error that ends it.
+//! Report of the error that ends a program, and its exit status.
 
 use std::error::Error;
 use std::process::ExitCode;

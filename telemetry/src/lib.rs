@@ -1,7 +1,8 @@
-//! Telemetry of the moge-serve services: logs through `tracing`, metrics
-//! through the OpenTelemetry SDK (a Prometheus text endpoint on every
-//! service, and OTLP when a collector is configured), traces over OTLP with
-//! W3C trace context between services, and the balance report's JSON form.
+//! Telemetry of the moge-serve services. Logs go through `tracing`. Metrics
+//! go through the OpenTelemetry SDK to a Prometheus text endpoint on every
+//! service, and over OTLP when a collector is configured. Traces go over
+//! OTLP, with W3C trace context between services. The crate also defines
+//! the balance report's JSON form.
 //!
 //! Metric names follow Prometheus conventions once exported: instrument
 //! `moge_device_assignments` becomes `moge_device_assignments_total`, and a
@@ -109,8 +110,9 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// What traces record: the services' request spans, which are at `debug`
-/// so that they cost nothing while traces are off, and `info` elsewhere.
+/// Returns the filter of what traces record: the services' request spans,
+/// which are at `debug` so that they cost nothing while traces are off, and
+/// `info` elsewhere.
 fn trace_filter() -> tracing_subscriber::filter::Targets {
     let ours = [
         "moge_telemetry",

@@ -17,8 +17,9 @@ pub const LATENCY_BUCKETS: [f64; 17] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// The gRPC status code of a call that a service does not implement; its
-/// path is reported as `_OTHER`, so that clients cannot create label values.
+/// The gRPC status code of a call to a method that a service does not
+/// implement. Such a call's path is reported as `_OTHER`, so that clients
+/// cannot create label values.
 const UNIMPLEMENTED: &str = "12";
 
 /// Names of the gRPC status codes, by code, as the RPC conventions report them.
@@ -93,8 +94,9 @@ pub struct RpcService<S> {
     layer: RpcLayer,
 }
 
-/// Whether calls to `path` (without its leading `/`) get a span: every call but health checks and
-/// reflection, which probes repeat every few hundred milliseconds.
+/// Returns whether calls to `path` (without its leading `/`) get a span:
+/// every call but health checks and reflection, which probes repeat every
+/// few hundred milliseconds.
 fn is_traced(path: &str) -> bool {
     !(path.starts_with("grpc.health.") || path.starts_with("grpc.reflection."))
 }

@@ -367,8 +367,8 @@ pub fn hidden_states(tokens: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A KServe request for model `moge`: `values` as `[tokens, 512]` raw
-/// `dtype` bytes, parameter `layer`, and the named `outputs` (none: the
+/// Builds a KServe request for model `moge`: `values` as `[tokens, 512]`
+/// raw `dtype` bytes, parameter `layer`, and the named `outputs` (none: the
 /// gateway's default, `output`).
 pub fn infer_request(
     values: &[f32],

@@ -319,8 +319,8 @@ async fn sigterm_drains_accepted_requests() {
     let exit = stack.gateway.wait_exit(Duration::from_secs(15));
     assert!(exit.success(), "gateway exit status {exit}");
 
-    // Requests sent well before the signal were accepted and must be
-    // answered correctly; later ones may find the port closed.
+    // Requests sent well before the signal were accepted and must get a
+    // correct response. Later ones may find the port closed.
     let margin = Duration::from_millis(50);
     let accepted: Vec<&Outcome> = outcomes
         .iter()

@@ -1,6 +1,6 @@
 //! Hostile and malformed requests against the real gateway, over gRPC and
 //! HTTP: each gets the right status and a message that names the problem,
-//! and the gateway stays healthy and answers a good request afterwards.
+//! and the gateway stays healthy and serves a good request afterwards.
 
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,8 @@ fn with(change: impl FnOnce(&mut ModelInferRequest)) -> ModelInferRequest {
     request
 }
 
-/// The gRPC table: request, expected code, and a substring of the message.
+/// Returns the gRPC table: request, expected code, and a substring of the
+/// message.
 fn grpc_cases() -> Vec<(&'static str, ModelInferRequest, Code, &'static str)> {
     let mut nan = hidden_states(2);
     nan[7] = f32::NAN;

@@ -1,7 +1,7 @@
-//! Traces and metrics over OTLP: one request through the split deployment
-//! gives one trace with spans of the gateway, the router and every expert
-//! group, and every service exports its metrics, to an OTLP/gRPC receiver
-//! that this test runs on loopback.
+//! Traces and metrics over OTLP, sent to an OTLP/gRPC receiver that this
+//! test runs on loopback. One request through the split deployment gives
+//! one trace with spans of the gateway, the router and every expert group.
+//! Every service exports its metrics.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
